@@ -1,0 +1,30 @@
+"""Install: `pip install -e .` (CPU or GPU), `pip install -e '.[dev]'` for the tests.
+
+The CUDA kernels are an extra for GPU machines only: they build from source against the torch
+already installed, so install torch (this package) first, then
+`pip install --no-build-isolation -e '.[gpu]'`.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="mamba-recipe",
+    version="0.1.0",
+    description="Pretrain Mamba language models with Composer and FSDP2: raw text to an exportable model",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mamba", "mamba.*"]),
+    install_requires=[
+        "mosaicml==0.32.1",  # pins torch>=2.6,<2.7.1
+        "torch>=2.6,<2.7.1",
+        "omegaconf>=2.3",
+        "numpy",
+        "submitit",
+        "tokenizers>=0.19",
+    ],
+    extras_require={
+        # CUDA kernels: need nvcc and a CUDA torch; 2.3.2 needs triton>=3.5, which torch 2.7 refuses.
+        "gpu": ["mamba-ssm==2.3.1", "causal-conv1d>=1.4"],
+        # transformers is the reference the tests compare our model against (<4.54 fits torch 2.7).
+        "dev": ["pytest", "transformers>=4.44,<4.54", "safetensors"],
+        "all": ["pytest", "transformers>=4.44,<4.54", "safetensors", "tensorboard"],
+    },
+)

@@ -1,0 +1,176 @@
+"""Tokenizers behind one small interface, so packing and generation do not care which kind is used.
+
+Three kinds, chosen by a spec string:
+
+    "byte"          built in: ids 0..255 are the UTF-8 bytes, then the special tokens below
+    "bpe:N"         train a byte-level BPE of N entries on the input texts (HF `tokenizers`) and
+                    save it as save_dir/tokenizer.json
+    path            a HF tokenizer.json, or a directory holding one
+
+Every tokenizer offers encode_batch(texts) -> list of id lists, decode(ids) -> str, vocab_size,
+eos_id and identity (a dict recorded in the packed dataset's index.json, so a checkpoint can be
+matched with the exact tokenizer that produced its data).
+
+Ids must fit the 16-bit token field of mamba.layout, so vocabularies above 65,536 are refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterable
+
+from mamba import layout
+
+EOS_TOKEN = "<|endoftext|>"
+# Names tried, in order, to find the end-of-document token of a foreign tokenizer.json.
+EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "[EOS]")
+# Special tokens of the byte tokenizer; their ids follow the 256 byte values.
+BYTE_SPECIALS = (EOS_TOKEN, "<|bos|>")
+
+
+def _check_vocab_size(size: int, what: str) -> None:
+    if size > layout.MAX_VOCAB_SIZE:
+        raise ValueError(
+            f"{what}: vocabulary of {size} entries exceeds the limit of {layout.MAX_VOCAB_SIZE} "
+            f"that the packed layout's {layout.TOKEN_BITS}-bit token field can hold"
+        )
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: no training, no files, exact round trip for any text."""
+
+    def __init__(self):
+        self.vocab_size = 256 + len(BYTE_SPECIALS)
+        self.eos_id = 256
+        self.bos_id = 257
+        self.identity = {"kind": "byte", "name": "byte", "sha256": "byte-v1", "vocab_size": self.vocab_size}
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # Special-token names inside a text are plain bytes here, never the special ids.
+        return [list(text.encode("utf-8")) for text in texts]
+
+    def decode(self, ids: list[int]) -> str:
+        """Bytes are joined and decoded (invalid UTF-8 becomes U+FFFD); specials print their names.
+
+        Ids past the vocabulary (a model's padding rows) decode to nothing, as in HF tokenizers.
+        """
+        out, run = [], bytearray()
+        for i in ids:
+            if i < 256:
+                run.append(i)
+            elif i < self.vocab_size:
+                out.append(run.decode("utf-8", errors="replace"))
+                run.clear()
+                out.append(BYTE_SPECIALS[i - 256])
+        out.append(run.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+
+class HFTokenizer:
+    """A HF `tokenizers.Tokenizer` loaded from a tokenizer.json file.
+
+    Texts are encoded without the tokenizer's post-processor (no BOS/EOS added: packing appends
+    EOS itself) and with special-token names in the text treated as plain text, so a file that
+    happens to contain "<|endoftext|>" does not end its document early.
+    """
+
+    def __init__(self, path: Path, kind: str, name: str, eos: str | None = None):
+        from tokenizers import Tokenizer
+
+        self.path = path
+        self.json_bytes = data = path.read_bytes()  # kept so pack can copy the exact file
+        try:
+            self._tok = Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as e:  # the Rust side raises a bare Exception on malformed files
+            raise ValueError(f"{path}: not a HF tokenizer.json ({e})") from None
+        self._tok.encode_special_tokens = True
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        # Ids can have holes, so the size that matters is the largest id + 1.
+        self.vocab_size = max(self._tok.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
+        _check_vocab_size(self.vocab_size, str(path))
+        names = (eos,) if eos is not None else EOS_CANDIDATES
+        found = [n for n in names if n in vocab]
+        if not found:
+            raise ValueError(
+                f"{path}: no end-of-document token found (looked for {', '.join(names)}); "
+                f"pass the name of the tokenizer's EOS token with --eos"
+            )
+        self.eos_id = vocab[found[0]]
+        self.identity = {
+            "kind": kind,
+            "name": name,
+            "path": str(path),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "vocab_size": self.vocab_size,
+        }
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # encode_batch_fast skips offset tracking and spreads the batch over all cores.
+        return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+
+def train_bpe(vocab_size: int, texts: Iterable[str], save_path: Path) -> None:
+    """Train a byte-level BPE with <|endoftext|> as its only special token; write it to save_path.
+
+    The trainer starts from all 256 byte symbols, so any text (even bytes absent from the training
+    texts) encodes and decodes back exactly. The file is written to a temporary name in the same
+    directory and renamed, so save_path is either absent or complete.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    minimum = 256 + 1
+    if vocab_size < minimum:
+        raise ValueError(f"bpe:{vocab_size}: a byte-level BPE needs at least {minimum} entries (256 bytes + EOS)")
+    _check_vocab_size(vocab_size, f"bpe:{vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    save_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = save_path.with_name(f".{save_path.name}.tmp{os.getpid()}")
+    try:
+        tok.save(str(tmp))
+        os.replace(tmp, save_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_tokenizer(spec: str, inputs_for_training: Iterable[str] | None = None,
+                   save_dir: str | os.PathLike | None = None, eos: str | None = None):
+    """Return a ByteTokenizer or HFTokenizer for `spec` (see the module docstring).
+
+    inputs_for_training: the texts a "bpe:N" spec is trained on (any iterable of str, read once).
+    save_dir: where "bpe:N" writes tokenizer.json. eos: the EOS token's name in a foreign
+    tokenizer.json whose EOS is not one of EOS_CANDIDATES.
+    """
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec.startswith("bpe:"):
+        try:
+            size = int(spec[4:])
+        except ValueError:
+            raise ValueError(f"tokenizer spec {spec!r}: expected bpe:N with N an integer vocabulary size") from None
+        if inputs_for_training is None or save_dir is None:
+            raise ValueError(f"tokenizer spec {spec!r} trains a new tokenizer: it needs input texts and a save_dir")
+        path = Path(save_dir) / "tokenizer.json"
+        train_bpe(size, inputs_for_training, path)
+        return HFTokenizer(path, kind="bpe", name=spec)
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"tokenizer spec {spec!r}: {path} does not exist; use 'byte', 'bpe:N' or a path to a "
+            f"HF tokenizer.json (or a directory holding one)"
+        )
+    return HFTokenizer(path.resolve(), kind="hf", name=path.name, eos=eos)

@@ -1,0 +1,229 @@
+"""Packing real text (CPython standard-library sources) and reading every document back exactly."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mamba import layout
+from mamba.data.dataset import PackedDataset
+from mamba.data.pack import pack
+from mamba.data.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+SHARD_TOKENS = 40_000  # small, so documents run across several shard boundaries
+
+
+@pytest.fixture(scope="module")
+def stdlib_files():
+    """A deterministic sample of ~30 top-level stdlib modules (about 1 MB of text)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(stdlib.glob("*.py"))[::6][:30]
+    assert len(files) >= 20
+    return files
+
+
+@pytest.fixture(scope="module")
+def bpe_packed(stdlib_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bpe") / "packed"
+    return out, pack(stdlib_files, out, tokenizer="bpe:1000", shard_tokens=SHARD_TOKENS)
+
+
+def read_documents(out: Path, manifest: dict) -> list[np.ndarray]:
+    """Concatenate all shards and split the token ids at every position-0 word."""
+    words = np.concatenate([np.load(out / s["file"]) for s in manifest["shards"]])
+    ids, positions, loss = layout.decode(words)
+    assert loss.all()
+    starts = np.flatnonzero(positions == 0)
+    docs = np.split(ids, starts[1:])
+    for doc, start in zip(docs, starts):  # positions count 0..n inside each document, saturating
+        expected = np.minimum(np.arange(len(doc)), layout.MAX_POSITION)
+        np.testing.assert_array_equal(positions[start:start + len(doc)], expected)
+    return docs
+
+
+def assert_documents_round_trip(out, manifest, files, tok):
+    docs = read_documents(out, manifest)
+    assert len(docs) == len(files) == manifest["total_documents"]
+    for doc, path in zip(docs, files):
+        assert doc[-1] == tok.eos_id and (doc[:-1] != tok.eos_id).all()
+        assert tok.decode(doc[:-1].tolist()) == path.read_bytes().decode("utf-8"), path
+
+
+def test_bpe_documents_decode_to_exact_input(bpe_packed, stdlib_files):
+    out, manifest = bpe_packed
+    tok = load_tokenizer(str(out))  # the directory holds the trained tokenizer.json
+    assert tok.vocab_size == 1000
+    assert len(manifest["shards"]) > 3
+    assert_documents_round_trip(out, manifest, stdlib_files, tok)
+
+
+def test_byte_documents_decode_to_exact_input(stdlib_files, tmp_path):
+    manifest = pack(stdlib_files[:10], tmp_path / "b", tokenizer="byte", shard_tokens=SHARD_TOKENS)
+    assert_documents_round_trip(tmp_path / "b", manifest, stdlib_files[:10], load_tokenizer("byte"))
+    assert manifest["total_tokens"] == sum(p.stat().st_size + 1 for p in stdlib_files[:10])
+    assert not (tmp_path / "b" / "tokenizer.json").exists()
+    again = pack(stdlib_files[:10], tmp_path / "b2", tokenizer="byte", shard_tokens=SHARD_TOKENS)
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in manifest["shards"]]
+
+
+def test_manifest_fields(bpe_packed, stdlib_files):
+    out, manifest = bpe_packed
+    assert manifest == json.loads((out / "index.json").read_text())
+    assert manifest["layout_version"] == layout.LAYOUT_VERSION
+    tok = manifest["tokenizer"]
+    assert tok["kind"] == "bpe" and tok["vocab_size"] == 1000
+    assert tok["sha256"] == hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()
+    assert manifest["eos_id"] == load_tokenizer(str(out)).eos_id
+    shards = manifest["shards"]
+    assert [s["file"] for s in shards] == [f"shard_{i:05d}.npy" for i in range(len(shards))]
+    assert all(s["tokens"] == SHARD_TOKENS for s in shards[:-1]) and 0 < shards[-1]["tokens"] <= SHARD_TOKENS
+    for s in shards:
+        words = np.load(out / s["file"])
+        assert words.dtype == np.int32 and words.shape == (s["tokens"],)
+        assert s["sha256"] == hashlib.sha256((out / s["file"]).read_bytes()).hexdigest()
+        ids, positions, _ = layout.decode(words)
+        assert s["max_token_id"] == ids.max() and s["documents"] == (positions == 0).sum()
+    assert manifest["total_tokens"] == sum(s["tokens"] for s in shards)
+    assert [src["path"] for src in manifest["sources"]] == [str(p) for p in stdlib_files]
+    assert sum(src["tokens"] for src in manifest["sources"]) == manifest["total_tokens"]
+    assert manifest["skipped"] == []
+    assert sorted(os.listdir(out)) == sorted(["index.json", "tokenizer.json"] + [s["file"] for s in shards])
+
+
+def test_special_token_text_is_not_eos(tmp_path):
+    text = "a <|endoftext|> b\r\n\tcafé 😀\n"
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.txt").write_bytes(text.encode("utf-8"))
+    manifest = pack([tmp_path / "in"], tmp_path / "out", tokenizer="bpe:300")
+    docs = read_documents(tmp_path / "out", manifest)
+    tok = load_tokenizer(str(tmp_path / "out"))
+    assert len(docs) == 1 and tok.decode(docs[0][:-1].tolist()) == text
+
+
+def test_byte_tokenizer_interface():
+    tok = load_tokenizer("byte")
+    assert (tok.vocab_size, tok.eos_id, tok.identity["sha256"]) == (258, 256, "byte-v1")
+    assert tok.encode_batch(["hé", "<|endoftext|>"]) == [[104, 195, 169], list(b"<|endoftext|>")]
+    # Specials print their names; ids past the vocabulary (padding rows) print nothing.
+    assert tok.decode([104, 105, 256, 195, 169, 999, 257]) == "hi<|endoftext|>é<|bos|>"
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "good.txt").write_text("fine text\n")
+    (src / "sub" / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    (src / "sub" / "model.py").write_bytes(b"\x7fELF\x00\x01\x02")  # a source name, binary content
+    (src / "sub" / "blob.bin").write_bytes(b"\x00\x01")  # not a text/source name: never read
+    return src
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe:300"])
+def test_bad_input_fails_naming_file_and_leaves_nothing(bad_inputs, tmp_path, tokenizer):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"latin1\.txt: not valid UTF-8"):
+        pack([bad_inputs], out, tokenizer=tokenizer)
+    assert os.listdir(out) == []  # no shards, no tokenizer.json, no temp files
+    with pytest.raises(ValueError, match=r"model\.py: binary"):
+        pack([bad_inputs / "sub" / "model.py"], out, tokenizer=tokenizer)
+    assert os.listdir(out) == []
+
+
+def test_bad_input_skip_is_reported(bad_inputs, tmp_path):
+    manifest = pack([bad_inputs], tmp_path / "out", tokenizer="byte", on_bad_input="skip")
+    assert manifest["total_documents"] == 1 and manifest["unmatched_files"] == 1
+    assert [s["path"] for s in manifest["skipped"]] == [str(bad_inputs / "sub" / n) for n in ("latin1.txt", "model.py")]
+    assert "UTF-8" in manifest["skipped"][0]["reason"] and "binary" in manifest["skipped"][1]["reason"]
+    with pytest.raises(ValueError, match="all 2 input files were skipped"):
+        pack([bad_inputs / "sub"], tmp_path / "out2", tokenizer="byte", on_bad_input="skip")
+
+
+def test_include_exclude_patterns(bad_inputs, tmp_path):
+    every = pack([bad_inputs], tmp_path / "a", tokenizer="byte", include=["*"], on_bad_input="skip")
+    assert len(every["skipped"]) == 3 and every["unmatched_files"] == 0
+    only_good = pack([bad_inputs], tmp_path / "b", tokenizer="byte", exclude=["sub"])
+    assert [s["path"] for s in only_good["sources"]] == [str(bad_inputs / "good.txt")]
+    with pytest.raises(FileNotFoundError, match="nope"):
+        pack([tmp_path / "nope"], tmp_path / "c", tokenizer="byte")
+
+
+def test_output_directory_rules(bad_inputs, tmp_path):
+    good = [bad_inputs / "good.txt"]
+    out = tmp_path / "out"
+    out.mkdir()
+    # Leftovers of a killed run (no index.json) are replaced.
+    for name in ("shard_00000.npy", "shard_00007.npy", ".shard_00008.npy.tmp99", "tokenizer.json"):
+        (out / name).write_bytes(b"junk")
+    pack(good, out, tokenizer="byte")
+    assert sorted(os.listdir(out)) == ["index.json", "shard_00000.npy"]
+    with pytest.raises(FileExistsError, match="already holds a packed dataset"):
+        pack(good, out, tokenizer="byte")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"not empty \(notes\.txt"):
+        pack(good, tmp_path / "mine", tokenizer="byte")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_hf_tokenizer_is_copied(bpe_packed, bad_inputs, tmp_path):
+    src_tok = bpe_packed[0] / "tokenizer.json"
+    manifest = pack([bad_inputs / "good.txt"], tmp_path / "o", tokenizer=str(src_tok))
+    assert (tmp_path / "o" / "tokenizer.json").read_bytes() == src_tok.read_bytes()
+    assert manifest["tokenizer"]["kind"] == "hf" and manifest["tokenizer"]["sha256"] == bpe_packed[1]["tokenizer"]["sha256"]
+
+
+def _write_word_level(path: Path, size: int, specials: list[str]):
+    from tokenizers import Tokenizer, models
+
+    vocab = {s: i for i, s in enumerate(specials)}
+    vocab.update({f"w{i}": i for i in range(len(specials), size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[0]))
+    tok.save(str(path))
+
+
+def test_vocab_too_large_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"70000.*65536"):
+        load_tokenizer("bpe:70000", inputs_for_training=["x"], save_dir=tmp_path)
+    _write_word_level(tmp_path / "big.json", 70_000, ["<|endoftext|>"])
+    with pytest.raises(ValueError, match=r"70000.*65536"):
+        load_tokenizer(str(tmp_path / "big.json"))
+
+
+def test_foreign_tokenizer_eos(tmp_path):
+    _write_word_level(tmp_path / "t.json", 100, ["<unk>", "<end>"])
+    with pytest.raises(ValueError, match=r"t\.json: no end-of-document token.*--eos"):
+        load_tokenizer(str(tmp_path / "t.json"))
+    tok = load_tokenizer(str(tmp_path / "t.json"), eos="<end>")
+    assert tok.eos_id == 1 and tok.identity["kind"] == "hf" and tok.vocab_size == 100
+    _write_word_level(tmp_path / "s.json", 100, ["<unk>", "</s>"])
+    assert load_tokenizer(str(tmp_path / "s.json")).eos_id == 1
+
+
+def test_dataset_refuses_directory_without_index(bpe_packed, tmp_path):
+    out, manifest = bpe_packed
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for s in manifest["shards"]:
+        (partial / s["file"]).write_bytes((out / s["file"]).read_bytes())
+    with pytest.raises(FileNotFoundError, match="not a complete packed dataset"):
+        PackedDataset(partial, 16)
+
+
+def test_cli_runs_from_repo_root(stdlib_files, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "tools/pack.py", "--tokenizer", "byte", "--out", str(tmp_path / "o"), "--quiet",
+         *map(str, stdlib_files[:3])],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "packed 3 documents" in result.stdout and "tokens/s" in result.stdout
+    bad = subprocess.run([sys.executable, "tools/pack.py", "--tokenizer", "byte", "--out", str(tmp_path / "o"),
+                          str(stdlib_files[0])], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 1 and "already holds" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,49 @@
+"""One residual layer of the Mamba LM: add the residual, normalise, mix.
+
+This is mamba-ssm's `Block` (`mamba_ssm/modules/block.py`) without the MLP (Mamba-1 LMs have
+d_intermediate = 0) and without the fused add+norm kernel, which computes the same thing:
+
+    residual = hidden + residual          (just hidden in the first layer)
+    hidden   = mixer(norm(residual))
+
+The "prenorm residual" form hands (hidden, residual) from block to block instead of adding the
+mixer's output back at the end of each block; the final `norm_f(hidden + residual)` of the
+backbone closes the stream. Mathematically it equals the usual x + mixer(norm(x)) per layer; it
+exists so that the add and the next norm can be fused into one kernel (mamba-ssm) and, here, so
+that the residual stream can be kept in float32 while the blocks compute in a lower precision.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    """forward(hidden_states, residual=None, reset=None) -> (hidden_states, residual).
+
+    hidden_states, residual: (batch, L, d_model); reset: (batch, L) bool document starts, handed
+    to the mixer. `residual_in_fp32` keeps the residual stream in (at least) float32 under bf16
+    training, as mamba-ssm's default LMs do: the sum over many layers would otherwise round away
+    the small updates of each one.
+    """
+
+    def __init__(self, d_model: int, mixer: nn.Module, norm: nn.Module, residual_in_fp32: bool = True):
+        super().__init__()
+        self.d_model = d_model
+        self.residual_in_fp32 = residual_in_fp32
+        self.norm = norm
+        self.mixer = mixer
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        reset: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = hidden_states if residual is None else hidden_states + residual
+        hidden_states = self.norm(residual.to(dtype=self.norm.weight.dtype))
+        if self.residual_in_fp32:
+            # mamba-ssm casts to float32; "at least" float32 also lets float64 tests stay exact.
+            residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
+        hidden_states = self.mixer(hidden_states, reset=reset)
+        return hidden_states, residual

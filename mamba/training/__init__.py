@@ -1,0 +1,1 @@
+"""Training: train(cfg) and the pieces it assembles (optimizer, schedules, loggers)."""

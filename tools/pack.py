@@ -1,11 +1,17 @@
-"""Pack text files into a training dataset: shards of int32 layout words plus index.json.
+"""Pack text into a training dataset (shards of int32 layout words plus index.json), or inspect one.
 
     python tools/pack.py --tokenizer bpe:32768 --out data/mycorpus --include '*.py' src/ notes.txt
+    python tools/pack.py --tokenizer path/to/tokenizer.json --out data/chat --workers 8 \
+        --val-fraction 0.01 chats.jsonl.zst wiki.parquet hf_saved_dataset/
+    python tools/pack.py inspect data/mycorpus [--window 3 --seq-len 512] [--verify]
 
---tokenizer: "byte", "bpe:N" (trained on the inputs, saved in --out) or a HF tokenizer.json path.
-Directories are searched recursively for text and source files (--include and --exclude change
-which); files named on the command line are always packed.
-A binary or non-UTF-8 file stops the run unless --on-bad-input skip, which lists it in index.json.
+--tokenizer: "byte", "bpe:N" (trained on the inputs, saved in --out) or a HF tokenizer.json (or a
+directory holding one). Inputs: text/source files and directories (searched recursively; --include
+and --exclude choose names), .jsonl (--text-field, else text/content/body, else chat `messages`),
+.parquet, HF datasets saved with save_to_disk, hf:NAME[:SPLIT]; any of the files .gz or .zst.
+A bad input (unreadable, binary, not UTF-8, empty, a record without text) stops the run unless
+--on-bad-input skip, which lists it in index.json. An interrupted run, re-run with the same
+arguments, resumes after the last finished shard.
 """
 import argparse
 import importlib.util
@@ -19,20 +25,56 @@ if importlib.util.find_spec("mamba") is None:  # run from a checkout without ins
 from mamba.data.pack import DEFAULT_INCLUDE, DEFAULT_SHARD_TOKENS, POLICIES, pack  # noqa: E402
 
 
+def inspect_main(argv) -> int:
+    from mamba.data import inspect
+
+    parser = argparse.ArgumentParser(prog="pack.py inspect", description="Summarize a packed dataset directory.")
+    parser.add_argument("dir", help="a packed dataset directory (holding index.json)")
+    parser.add_argument("--window", type=int, help="decode window number I to text")
+    parser.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
+    parser.add_argument("--verify", action="store_true", help="check every shard's size and sha256")
+    parser.add_argument("--top", type=int, default=10, help="how many of the most frequent ids to list")
+    args = parser.parse_args(argv)
+    try:
+        print(inspect.summary(args.dir, args.top))
+        if args.window is not None:
+            print(inspect.render_window(args.dir, args.window, args.seq_len))
+        if args.verify:
+            problems = inspect.verify(args.dir)
+            for p in problems:
+                print(f"FAILED {p}")
+            if problems:
+                return 1
+            print("verify: every shard matches its size and sha256 in index.json")
+    except (ValueError, OSError) as e:
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["inspect"]:
+        return inspect_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files and directories to pack")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files, directories, dataset dirs, hf:NAME")
     parser.add_argument("--tokenizer", required=True, help='"byte", "bpe:N" or a path to tokenizer.json')
-    parser.add_argument("--out", required=True, help="new or empty output directory")
+    parser.add_argument("--out", required=True, help="new or empty output directory (or an interrupted run's)")
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizing processes (output does not depend on it)")
     parser.add_argument("--on-bad-input", choices=POLICIES, default="fail",
-                        help="what to do with a binary or non-UTF-8 file (default: fail)")
+                        help="what to do with a bad input file or record (default: fail)")
     parser.add_argument("--include", action="append", metavar="GLOB",
                         help="file names to take from directory inputs, e.g. '*.py' (repeatable; "
-                             "default: common text and source extensions; '*' for every file)")
+                             "default: common text, source and record extensions; '*' for every file)")
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                         help="file or directory names not to enter, e.g. site-packages (repeatable)")
+    parser.add_argument("--text-field", help="JSONL/Parquet/dataset field with the text (default: text, content, body)")
     parser.add_argument("--eos", help="name of the EOS token in a tokenizer.json that lacks a usual one")
+    parser.add_argument("--bos", action="store_true", help="start every document with the BOS token (no loss on it)")
+    parser.add_argument("--no-eos", action="store_true", help="do not end documents with EOS")
+    parser.add_argument("--val-fraction", type=float, default=0.0,
+                        help="share of documents for --out/val (the rest in --out/train); default 0: no split")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val document hash")
     parser.add_argument("--quiet", action="store_true", help="do not report each shard as it is written")
     args = parser.parse_args(argv)
 
@@ -42,15 +84,21 @@ def main(argv=None) -> int:
             args.inputs, args.out, tokenizer=args.tokenizer, shard_tokens=args.shard_tokens,
             on_bad_input=args.on_bad_input, include=args.include or DEFAULT_INCLUDE, exclude=args.exclude, eos=args.eos,
             progress=None if args.quiet else lambda msg: print(msg, file=sys.stderr, flush=True),
+            workers=args.workers, text_field=args.text_field, add_bos=args.bos, add_eos=not args.no_eos,
+            val_fraction=args.val_fraction, seed=args.seed,
         )
     except (ValueError, OSError) as e:  # bad input, tokenizer or output dir: the message says which
         parser.exit(1, f"{parser.prog}: error: {e}\n")
     seconds = time.perf_counter() - start
-    tokens = manifest["total_tokens"]
+    tokens = manifest["total_tokens"] + manifest.get("val_manifest", {}).get("total_tokens", 0)
     tok = manifest["tokenizer"]
-    print(f"packed {manifest['total_documents']} documents, {tokens} tokens into "
+    print(f"packed {manifest['total_documents']} documents, {manifest['total_tokens']} tokens into "
           f"{len(manifest['shards'])} shards in {args.out} ({seconds:.1f} s, {tokens / seconds:,.0f} tokens/s)")
-    print(f"tokenizer {tok['name']} ({tok['kind']}, vocab {tok['vocab_size']}, eos {manifest['eos_id']})")
+    if "val_manifest" in manifest:
+        val = manifest["val_manifest"]
+        print(f"  val: {val['total_documents']} documents, {val['total_tokens']} tokens in {args.out}/val "
+              f"(train in {args.out}/train)")
+    print(f"tokenizer {tok['name']} ({tok['kind']}, vocab {tok['vocab_size']}), special ids {manifest['special_tokens']}")
     for bad in manifest["skipped"]:
         print(f"skipped {bad['path']}: {bad['reason']}")
     if manifest["unmatched_files"]:

@@ -1,13 +1,14 @@
-"""PackedDataset: fixed-length training windows over the shards written by mamba.data.pack.
+"""PackedSource: one directory written by tools/pack.py, checked and cut into fixed windows.
 
 Window i of a shard covers words [i*L, i*L + L + 1) (L = seq_len): L inputs plus the one extra
 word that the last input predicts. Windows step by L, so every token after a shard's first is a
-label exactly once; a shard's tail too short to fill a window is dropped (see `dropped_tokens`).
-Windows never cross shards, and may cross documents: position_ids (0 at each document start) let
-the model reset its state there.
+label exactly once per epoch; a shard's tail too short to fill a window is dropped (see
+`dropped_tokens`). Windows never cross shards, and may cross documents: position_ids (0 at each
+document start) let the model reset its state there.
 
 Shards are opened as read-only memmaps on first use in each process (DataLoader workers included)
-and are never read whole, so a dataset object is cheap to build and to pickle.
+and only the requested windows are copied out, so a source object is cheap to build and to pickle.
+Which windows are read in which order is decided by mamba.data.mixture and mamba.data.loader.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from mamba import layout
 from mamba.data.pack import INDEX_NAME, sha256_file
 
 IGNORE_INDEX = -100  # label value that torch's cross_entropy skips
+FIM_SENTINELS = ("fim_prefix", "fim_middle", "fim_suffix")
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
@@ -45,13 +47,8 @@ def _check_shard_file(path: Path, tokens: int) -> None:
         )
 
 
-class PackedDataset(torch.utils.data.Dataset):
-    """Map-style dataset of windows; item i is a dict of (seq_len,) int64 tensors:
-
-        input_ids     token ids of words [0, L) of the window
-        labels        token ids of words [1, L + 1), IGNORE_INDEX where that word's loss bit is 0
-        position_ids  in-document positions of words [0, L)
-    """
+class PackedSource:
+    """The windows of one packed directory. `read(windows)` -> (n, L + 1) int32 layout words."""
 
     def __init__(self, data_dir: str | os.PathLike, seq_len: int):
         self.data_dir = Path(data_dir)
@@ -71,7 +68,10 @@ class PackedDataset(torch.utils.data.Dataset):
                 f"{index_path}: layout_version {version}, but this code reads version "
                 f"{layout.LAYOUT_VERSION}; repack the data with this version's tools/pack.py"
             )
-        self.eos_id = self.index["eos_id"]
+        # Manifests from before special_tokens existed record only eos_id.
+        self.special_tokens: dict[str, int] = dict(self.index.get("special_tokens") or {"eos": self.index["eos_id"]})
+        self.eos_id = self.special_tokens["eos"]
+        self.tokenizer: dict = self.index["tokenizer"]
         shards = self.index["shards"]
         self.shard_paths = [self.data_dir / s["file"] for s in shards]
         for path, shard in zip(self.shard_paths, shards):
@@ -88,28 +88,35 @@ class PackedDataset(torch.utils.data.Dataset):
         # Tokens in no window: whole shards shorter than L + 1, and each shard's short tail.
         self.dropped_tokens = int((tokens - np.where(windows > 0, windows * self.seq_len + 1, 0)).sum())
         self._window_ends = np.cumsum(windows)  # (n_shards,) windows in shards 0..k together
+        self._window_starts = self._window_ends - windows  # (n_shards,) first window of shard k
         self._maps: list[np.ndarray | None] = [None] * len(shards)
 
     def __len__(self) -> int:
         return int(self._window_ends[-1])
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if not 0 <= i < len(self):
-            raise IndexError(f"window {i} out of range for {len(self)} windows")
-        shard = int(np.searchsorted(self._window_ends, i, side="right"))
-        first = int(self._window_ends[shard - 1]) if shard else 0
-        start = (i - first) * self.seq_len
-        # np.array copies just this window out of the memmap, widened to int64 for torch.
-        words = np.array(self._shard(shard)[start:start + self.seq_len + 1], dtype=np.int64)
-        layout.check_words(words, f"{self.shard_paths[shard]} (window {i})")
-        ids, positions, loss = layout.decode(torch.from_numpy(words))  # (L + 1,) each
-        labels = ids[1:].clone()
-        labels[~loss[1:]] = IGNORE_INDEX
-        return {"input_ids": ids[:-1], "labels": labels, "position_ids": positions[:-1]}
+    def read(self, windows: np.ndarray) -> np.ndarray:
+        """Copy the given windows (int array of indices < len(self)) out of the memmaps.
+
+        Returns (len(windows), seq_len + 1) int32 layout words; raises on a corrupt (negative) word.
+        """
+        windows = np.asarray(windows, dtype=np.int64)
+        if windows.size and (windows.min() < 0 or windows.max() >= len(self)):
+            raise IndexError(f"{self.data_dir}: window index out of range 0..{len(self) - 1}: {windows}")
+        shards = np.searchsorted(self._window_ends, windows, side="right")
+        starts = (windows - self._window_starts[shards]) * self.seq_len  # first word of each window
+        out = np.empty((len(windows), self.seq_len + 1), dtype=np.int32)
+        for row, (shard, start) in enumerate(zip(shards.tolist(), starts.tolist())):
+            out[row] = self._shard(shard)[start:start + self.seq_len + 1]
+        if out.size and out.min() < 0:  # one cheap pass; name the shard only when something is wrong
+            for row in np.flatnonzero(out.min(axis=1) < 0).tolist():
+                layout.check_words(out[row], f"{self.shard_paths[shards[row]]} (window {windows[row]})")
+        return out
 
     def _shard(self, k: int) -> np.ndarray:
         if self._maps[k] is None:
-            self._maps[k] = np.load(self.shard_paths[k], mmap_mode="r")
+            # A plain ndarray view of the memmap (which it keeps open): slicing np.memmap objects
+            # costs more than copying a 4096-token window.
+            self._maps[k] = np.load(self.shard_paths[k], mmap_mode="r").view(np.ndarray)
         return self._maps[k]
 
     def __getstate__(self) -> dict:
@@ -126,19 +133,49 @@ class PackedDataset(torch.utils.data.Dataset):
         """
         for path, shard in zip(self.shard_paths, self.index["shards"]):
             if shard["max_token_id"] >= vocab_size:
-                tok = self.index["tokenizer"]
+                tok = self.tokenizer
                 raise ValueError(
                     f"{path}: holds token id {shard['max_token_id']}, but the model's vocab_size is "
                     f"{vocab_size}; the data was packed with tokenizer {tok.get('name')!r} of "
                     f"{tok.get('vocab_size')} entries, so set vocab_size >= {tok.get('vocab_size')} or repack"
                 )
 
-    def verify(self) -> None:
-        """Re-hash every shard (reads all of them) and raise naming the first that does not match."""
-        for path, shard in zip(self.shard_paths, self.index["shards"]):
+    def fim_sentinels(self) -> tuple[int, int, int]:
+        """(prefix, middle, suffix) sentinel ids from the manifest; raises naming what is missing."""
+        missing = [name for name in FIM_SENTINELS if name not in self.special_tokens]
+        if missing:
+            raise ValueError(
+                f"{self.data_dir / INDEX_NAME}: data.fim_rate > 0 needs the tokenizer's FIM sentinel "
+                f"tokens, but special_tokens lacks {missing} (it has {sorted(self.special_tokens)}); pack "
+                f"with a tokenizer that defines them (e.g. <fim_prefix>, <fim_middle>, <fim_suffix>) "
+                f"or set data.fim_rate=0"
+            )
+        return tuple(int(self.special_tokens[name]) for name in FIM_SENTINELS)
+
+    def verify(self, shards: list[int] | None = None) -> None:
+        """Re-hash the given shards (default: all; reads them whole) and raise naming the first
+        whose sha256 differs from the manifest."""
+        for k in range(len(self.shard_paths)) if shards is None else shards:
+            path, shard = self.shard_paths[k], self.index["shards"][k]
             actual = sha256_file(path)
             if actual != shard["sha256"]:
                 raise ValueError(
                     f"{path}: sha256 {actual} differs from {shard['sha256']} in index.json; the shard "
                     f"is corrupt or was modified after packing, re-run tools/pack.py"
                 )
+
+
+def decode_windows(words: np.ndarray) -> dict[str, torch.Tensor]:
+    """(B, L + 1) int32 layout words -> the training batch, each (B, L) int64:
+
+        input_ids     token ids of words [0, L)
+        labels        token ids of words [1, L + 1), IGNORE_INDEX where that word's loss bit is 0
+        position_ids  in-document positions of words [0, L) (0 marks a document start)
+    """
+    # numpy, one pass per output and no temporaries beyond decode's: the fastest of the variants
+    # timed by benchmarks/data.py (torch's int32 ops were ~2x slower on one core).
+    ids, positions, loss = layout.decode(words)  # (B, L + 1) int32, int32, bool
+    labels = ids[:, 1:].astype(np.int64)
+    np.putmask(labels, ~loss[:, 1:], IGNORE_INDEX)
+    return {"input_ids": torch.from_numpy(ids[:, :-1].astype(np.int64)), "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(positions[:, :-1].astype(np.int64))}

@@ -23,10 +23,22 @@ from typing import Iterable
 from mamba import layout
 
 EOS_TOKEN = "<|endoftext|>"
-# Names tried, in order, to find the end-of-document token of a foreign tokenizer.json.
-EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "[EOS]")
+FIM_TOKENS = ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>")
+# Names tried, in order, to find each special token of a tokenizer.json; the manifest records the
+# ids found under these keys (mamba.data.fim reads the fim_* ones).
+SPECIAL_CANDIDATES = {
+    "eos": (EOS_TOKEN, "</s>", "<eos>", "[EOS]", "<|end_of_text|>"),
+    "bos": ("<|bos|>", "<s>", "<bos>", "[BOS]", "<|begin_of_text|>"),
+    "pad": ("<|pad|>", "<pad>", "<|padding|>", "[PAD]"),
+    "fim_prefix": (FIM_TOKENS[0], "<fim_prefix>", "<fim-prefix>", "<PRE>"),
+    "fim_middle": (FIM_TOKENS[1], "<fim_middle>", "<fim-middle>", "<MID>"),
+    "fim_suffix": (FIM_TOKENS[2], "<fim_suffix>", "<fim-suffix>", "<SUF>"),
+}
+EOS_CANDIDATES = SPECIAL_CANDIDATES["eos"]
 # Special tokens of the byte tokenizer; their ids follow the 256 byte values.
-BYTE_SPECIALS = (EOS_TOKEN, "<|bos|>")
+BYTE_SPECIALS = (EOS_TOKEN, "<|bos|>", "<|pad|>") + FIM_TOKENS
+# Specials a bpe:N tokenizer is trained with (ids 0..5, in this order).
+BPE_SPECIALS = (EOS_TOKEN, "<|bos|>", "<|pad|>") + FIM_TOKENS
 
 
 def _check_vocab_size(size: int, what: str) -> None:
@@ -42,8 +54,9 @@ class ByteTokenizer:
 
     def __init__(self):
         self.vocab_size = 256 + len(BYTE_SPECIALS)
-        self.eos_id = 256
-        self.bos_id = 257
+        self.special_tokens = {key: 256 + BYTE_SPECIALS.index(SPECIAL_CANDIDATES[key][0]) for key in SPECIAL_CANDIDATES}
+        self.eos_id = self.special_tokens["eos"]
+        self.bos_id = self.special_tokens["bos"]
         self.identity = {"kind": "byte", "name": "byte", "sha256": "byte-v1", "vocab_size": self.vocab_size}
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -97,6 +110,13 @@ class HFTokenizer:
                 f"pass the name of the tokenizer's EOS token with --eos"
             )
         self.eos_id = vocab[found[0]]
+        # Each special found by its usual names (the EOS as chosen above).
+        self.special_tokens = {"eos": self.eos_id}
+        for key, candidates in SPECIAL_CANDIDATES.items():
+            hit = next((n for n in candidates if n in vocab), None)
+            if key != "eos" and hit is not None:
+                self.special_tokens[key] = vocab[hit]
+        self.bos_id = self.special_tokens.get("bos")
         self.identity = {
             "kind": kind,
             "name": name,
@@ -114,7 +134,7 @@ class HFTokenizer:
 
 
 def train_bpe(vocab_size: int, texts: Iterable[str], save_path: Path) -> None:
-    """Train a byte-level BPE with <|endoftext|> as its only special token; write it to save_path.
+    """Train a byte-level BPE with BPE_SPECIALS (EOS, BOS, pad, FIM sentinels) as ids 0..5.
 
     The trainer starts from all 256 byte symbols, so any text (even bytes absent from the training
     texts) encodes and decodes back exactly. The file is written to a temporary name in the same
@@ -122,16 +142,17 @@ def train_bpe(vocab_size: int, texts: Iterable[str], save_path: Path) -> None:
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    minimum = 256 + 1
+    minimum = 256 + len(BPE_SPECIALS)
     if vocab_size < minimum:
-        raise ValueError(f"bpe:{vocab_size}: a byte-level BPE needs at least {minimum} entries (256 bytes + EOS)")
+        raise ValueError(f"bpe:{vocab_size}: a byte-level BPE needs at least {minimum} entries "
+                         f"(256 bytes + {len(BPE_SPECIALS)} special tokens)")
     _check_vocab_size(vocab_size, f"bpe:{vocab_size}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN],
+        special_tokens=list(BPE_SPECIALS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mamba import layout
-from mamba.data.dataset import PackedDataset
+from mamba.data.dataset import PackedSource
 from mamba.data.pack import pack
 from mamba.data.tokenizer import load_tokenizer
 
@@ -91,6 +91,9 @@ def test_manifest_fields(bpe_packed, stdlib_files):
         assert s["max_token_id"] == ids.max() and s["documents"] == (positions == 0).sum()
     assert manifest["total_tokens"] == sum(s["tokens"] for s in shards)
     assert [src["path"] for src in manifest["sources"]] == [str(p) for p in stdlib_files]
+    assert all(src["documents"] == 1 for src in manifest["sources"])
+    # bpe:N is trained with EOS, BOS, pad and the FIM sentinels as its first ids.
+    assert manifest["special_tokens"] == {"eos": 0, "bos": 1, "pad": 2, "fim_prefix": 3, "fim_middle": 4, "fim_suffix": 5}
     assert sum(src["tokens"] for src in manifest["sources"]) == manifest["total_tokens"]
     assert manifest["skipped"] == []
     assert sorted(os.listdir(out)) == sorted(["index.json", "tokenizer.json"] + [s["file"] for s in shards])
@@ -108,10 +111,12 @@ def test_special_token_text_is_not_eos(tmp_path):
 
 def test_byte_tokenizer_interface():
     tok = load_tokenizer("byte")
-    assert (tok.vocab_size, tok.eos_id, tok.identity["sha256"]) == (258, 256, "byte-v1")
+    assert (tok.vocab_size, tok.eos_id, tok.identity["sha256"]) == (262, 256, "byte-v1")
+    assert tok.special_tokens == {"eos": 256, "bos": 257, "pad": 258, "fim_prefix": 259, "fim_middle": 260,
+                                  "fim_suffix": 261}
     assert tok.encode_batch(["hé", "<|endoftext|>"]) == [[104, 195, 169], list(b"<|endoftext|>")]
     # Specials print their names; ids past the vocabulary (padding rows) print nothing.
-    assert tok.decode([104, 105, 256, 195, 169, 999, 257]) == "hi<|endoftext|>é<|bos|>"
+    assert tok.decode([104, 105, 256, 195, 169, 999, 257, 259]) == "hi<|endoftext|>é<|bos|><|fim_prefix|>"
 
 
 @pytest.fixture
@@ -141,7 +146,7 @@ def test_bad_input_skip_is_reported(bad_inputs, tmp_path):
     assert manifest["total_documents"] == 1 and manifest["unmatched_files"] == 1
     assert [s["path"] for s in manifest["skipped"]] == [str(bad_inputs / "sub" / n) for n in ("latin1.txt", "model.py")]
     assert "UTF-8" in manifest["skipped"][0]["reason"] and "binary" in manifest["skipped"][1]["reason"]
-    with pytest.raises(ValueError, match="all 2 input files were skipped"):
+    with pytest.raises(ValueError, match="all 2 inputs were skipped"):
         pack([bad_inputs / "sub"], tmp_path / "out2", tokenizer="byte", on_bad_input="skip")
 
 
@@ -213,7 +218,7 @@ def test_dataset_refuses_directory_without_index(bpe_packed, tmp_path):
     for s in manifest["shards"]:
         (partial / s["file"]).write_bytes((out / s["file"]).read_bytes())
     with pytest.raises(FileNotFoundError, match="not a complete packed dataset"):
-        PackedDataset(partial, 16)
+        PackedSource(partial, 16)
 
 
 def test_cli_runs_from_repo_root(stdlib_files, tmp_path):
@@ -227,3 +232,105 @@ def test_cli_runs_from_repo_root(stdlib_files, tmp_path):
     bad = subprocess.run([sys.executable, "tools/pack.py", "--tokenizer", "byte", "--out", str(tmp_path / "o"),
                           str(stdlib_files[0])], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 1 and "already holds" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _shard_bytes(out: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name.startswith("shard_")}
+
+
+def test_workers_give_identical_bytes(stdlib_files, tmp_path):
+    """Two tokenizing processes (small chunks, so both get work) write exactly what one does."""
+    tok = tmp_path / "tok.json"
+    load_tokenizer("bpe:600", inputs_for_training=[p.read_text() for p in stdlib_files[:5]], save_dir=tmp_path)
+    (tmp_path / "tokenizer.json").rename(tok)
+    one = pack(stdlib_files, tmp_path / "w1", tokenizer=str(tok), shard_tokens=SHARD_TOKENS, chunk_bytes=50_000)
+    two = pack(stdlib_files, tmp_path / "w2", tokenizer=str(tok), shard_tokens=SHARD_TOKENS, chunk_bytes=50_000,
+               workers=2)
+    assert len(one["shards"]) > 3 and _shard_bytes(tmp_path / "w1") == _shard_bytes(tmp_path / "w2")
+    assert one["shards"] == two["shards"] and one["sources"] == two["sources"]
+
+
+def test_long_documents_keep_every_boundary(tmp_path):
+    """Documents of 40,000 and 16,384 tokens: positions count to 16,383 then saturate; exactly one
+    position-0 word per document, and each document still decodes to its exact text."""
+    texts = {"a_long.txt": "x" * 39_999, "b_edge.txt": "y" * 16_383, "c_short.txt": "z" * 10}
+    for name, text in texts.items():
+        (tmp_path / name).write_text(text)
+    files = sorted(tmp_path.glob("*.txt"))
+    manifest = pack(files, tmp_path / "o", tokenizer="byte", shard_tokens=25_000)
+    words = np.concatenate([np.load(tmp_path / "o" / s["file"]) for s in manifest["shards"]])
+    ids, positions, _ = layout.decode(words)
+    starts = np.flatnonzero(positions == 0)
+    np.testing.assert_array_equal(starts, [0, 40_000, 40_000 + 16_384])
+    assert manifest["total_documents"] == 3
+    np.testing.assert_array_equal(positions[:40_000], np.minimum(np.arange(40_000), layout.MAX_POSITION))
+    assert positions[40_000 + 16_383] == layout.MAX_POSITION  # the 16,384th token: last exact position
+    docs = read_documents(tmp_path / "o", manifest)
+    tok = load_tokenizer("byte")
+    assert [tok.decode(d[:-1].tolist()) for d in docs] == list(texts.values())
+
+
+def test_bos_eos_placement(tmp_path):
+    (tmp_path / "a.txt").write_text("ab")
+    (tmp_path / "b.txt").write_text("c")
+    files = sorted(tmp_path.glob("*.txt"))
+    m = pack(files, tmp_path / "o", tokenizer="byte", add_bos=True, add_eos=False)
+    ids, positions, loss = layout.decode(np.load(tmp_path / "o" / "shard_00000.npy"))
+    assert ids.tolist() == [257, 97, 98, 257, 99] and positions.tolist() == [0, 1, 2, 0, 1]
+    assert loss.tolist() == [False, True, True, False, True]  # BOS is never a target
+    assert (m["bos"], m["eos"]) == (True, False)
+
+
+def test_validation_split_by_document(stdlib_files, tmp_path):
+    m = pack(stdlib_files, tmp_path / "o", tokenizer="byte", val_fraction=0.3, seed=1)
+    val = m["val_manifest"]
+    assert (m["split"], val["split"]) == ("train", "val")
+    train_src = {s["path"] for s in m["sources"]}
+    val_src = {s["path"] for s in val["sources"]}
+    assert train_src | val_src == {str(p) for p in stdlib_files} and not train_src & val_src
+    assert 0 < len(val_src) < len(stdlib_files)
+    assert sorted(os.listdir(tmp_path / "o")) == ["train", "val"]
+    assert m["total_tokens"] + val["total_tokens"] == sum(p.stat().st_size + 1 for p in stdlib_files)
+    again = pack(stdlib_files, tmp_path / "o2", tokenizer="byte", val_fraction=0.3, seed=1, workers=2)
+    assert again["val_manifest"]["shards"] == val["shards"]
+    PackedSource(tmp_path / "o" / "val", 16)  # each side is a complete dataset for the loader
+
+
+RESUME_SCRIPT = """
+import sys
+from mamba.data.pack import pack
+pack(sys.argv[1:-1], sys.argv[-1], tokenizer="byte", shard_tokens=20_000, chunk_bytes=30_000,
+     val_fraction=0.2, progress=lambda m: print(m, flush=True))
+"""
+
+
+def test_killed_run_resumes_to_identical_output(stdlib_files, tmp_path):
+    """SIGKILL a real packing process after a few shards; the re-run resumes (rewriting no finished
+    shard) and ends with exactly the bytes of an uninterrupted run."""
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, *map(str, stdlib_files), str(out)],
+                            stdout=subprocess.PIPE, text=True, cwd=REPO)
+    written = 0
+    for line in proc.stdout:
+        written += line.startswith("wrote")
+        if written == 12:
+            proc.kill()
+            break
+    proc.wait()
+    assert written == 12, "the run finished before it could be killed"
+    assert not (out / "train" / "index.json").exists()  # nothing a loader would accept
+    with pytest.raises(FileNotFoundError, match="not a complete packed dataset"):
+        PackedSource(out / "train", 16)
+    messages = []
+    resumed = pack(stdlib_files, out, tokenizer="byte", shard_tokens=20_000, chunk_bytes=30_000, val_fraction=0.2,
+                   progress=messages.append)
+    assert messages[0].startswith(f"resuming {out}") and not messages[0].startswith(f"resuming {out}: 0 shards")
+    total = len(resumed["shards"]) + len(resumed["val_manifest"]["shards"])
+    assert len(messages) - 1 < total  # finished shards were not written again
+    reference = pack(stdlib_files, tmp_path / "ref", tokenizer="byte", shard_tokens=20_000, chunk_bytes=30_000,
+                     val_fraction=0.2)
+    for split in ("train", "val"):
+        assert _shard_bytes(out / split) == _shard_bytes(tmp_path / "ref" / split)
+    assert resumed["shards"] == reference["shards"] and resumed["sources"] == reference["sources"]
+    assert resumed["val_manifest"]["sources"] == reference["val_manifest"]["sources"]
+    assert sorted(os.listdir(out)) == ["train", "val"]  # the journal is gone

@@ -1,20 +1,40 @@
-"""FLOPs per token of a Mamba-1 language model, for throughput and MFU reporting.
+"""FLOPs per token of a Mamba-1 or Mamba-2 language model, for throughput and MFU reporting.
 
-Counted per token, forward pass, one multiply-add = 2 FLOPs (d = d_model, E = expand * d,
-N = d_state, R = dt_rank, K = d_conv, V = padded vocab):
+One multiply-add = 2 FLOPs; a (m x k) @ (k x n) matmul costs 2 m k n. Per token, forward pass,
+with d = d_model, E = d_inner = expand * d, N = d_state, K = d_conv, V = padded vocab:
 
+Mamba-1 layer (Gu & Dao 2023, Sec. 3 / Fig. 3; R = dt_rank), matmuls (the Linear layers of
+mamba-ssm's `Mamba`, whose shapes the terms read off):
     in_proj   2 * d * 2E          x and the gate z
-    conv1d    2 * E * K           depthwise causal convolution
     x_proj    2 * E * (R + 2N)    dt (low rank), B and C
     dt_proj   2 * R * E
-    scan      9 * E * N           Gu & Dao 2023 (Mamba), Sec. 3.3 / App. D: the selective scan
-                                  costs ~9 FLOPs per (channel, state) element
     out_proj  2 * E * d
-    lm_head   2 * d * V           once per token, not per layer
+  and the rest:
+    conv1d    2 * E * K           depthwise causal convolution, one multiply-add per tap
+    scan      9 * E * N           Gu & Dao 2023, Sec. 3.3.2 / App. D: the selective scan costs
+                                  about 9 FLOPs per (channel, state) element per token
+                                  (discretise, recurrence, output contraction)
 
-Training counts forward + backward = 3x forward (backward is twice the forward's matmuls);
-activation recomputation is not counted, as in the usual MFU definition (PaLM, App. B).
-Norms, SiLU, gating and the embedding lookup are O(d) and ignored.
+Mamba-2 layer (Dao & Gu 2024, Sec. 6-7; H = nheads, P = headdim, G = ngroups, Q = chunk_size,
+capped at the sequence length), matmuls:
+    in_proj   2 * d * (2E + 2GN + H)   z, x, B, C and dt in one projection (mamba-ssm `Mamba2`)
+    out_proj  2 * E * d
+  and the chunked SSD scan (Dao & Gu 2024, Sec. 6 "SSD algorithm"; the matmuls of
+  ops/ssd.py, each Q x Q block computed in full, as the kernels do, causal mask or not):
+    C B^T     2 * Q * G * N       intra-chunk scores, per group
+    M x       2 * Q * E           intra-chunk outputs
+    states    2 * N * E           each chunk's final state, B^T x
+    C s_in    2 * N * E           outputs from the state entering the chunk
+    conv1d    2 * (E + 2GN) * K   the conv runs over x, B and C together
+
+Both: lm_head 2 * d * V once per token. The embedding lookup is a gather (no FLOPs). Norms, SiLU,
+gating, softplus, the inter-chunk state recurrence (per chunk, not per token) are O(E) or less
+per token and ignored.
+
+Training counts forward + backward = 3x forward: each matmul's backward is two matmuls of the same
+size (input and weight gradients). Activation recomputation (checkpointing, the chunked loss's
+recomputed logits) is not counted, as in the usual MFU definition (Chowdhery et al. 2022, PaLM,
+App. B), so MFU stays comparable across recomputation settings.
 """
 from __future__ import annotations
 
@@ -26,15 +46,52 @@ def dt_rank_of(config) -> int:
     return math.ceil(config.d_model / 16) if config.dt_rank == "auto" else int(config.dt_rank)
 
 
-def forward_flops_per_token(config) -> int:
+def mamba1_layer_flops(config) -> tuple[int, int]:
+    """(matmul, other) forward FLOPs per token of one Mamba-1 mixer."""
     d, n = config.d_model, config.d_state
+    e, r = config.expand * d, dt_rank_of(config)
+    matmul = 2 * d * 2 * e + 2 * e * (r + 2 * n) + 2 * r * e + 2 * e * d
+    other = 2 * e * config.d_conv + 9 * e * n
+    return matmul, other
+
+
+def mamba2_layer_flops(config, seq_len: int | None = None) -> tuple[int, int]:
+    """(matmul in Linear layers, SSD + conv) forward FLOPs per token of one Mamba-2 mixer."""
+    d, n, g = config.d_model, config.d_state, config.ngroups
     e = config.expand * d
-    r = dt_rank_of(config)
-    per_layer = (2 * d * 2 * e) + (2 * e * config.d_conv) + (2 * e * (r + 2 * n)) + (2 * r * e) \
-        + (9 * e * n) + (2 * e * d)
-    return config.n_layer * per_layer + 2 * d * config.padded_vocab_size
+    h = e // config.headdim
+    q = config.chunk_size if seq_len is None else min(config.chunk_size, seq_len)  # ops/ssd.py's Q
+    matmul = 2 * d * (2 * e + 2 * g * n + h) + 2 * e * d
+    other = ssd_flops(config, q) + 2 * (e + 2 * g * n) * config.d_conv
+    return matmul, other
 
 
-def flops_per_token(config) -> int:
-    """Training FLOPs per token: forward + backward."""
-    return 3 * forward_flops_per_token(config)
+def ssd_flops(config, q: int) -> int:
+    """Forward FLOPs per token of the chunked SSD scan's matmuls with chunk length q."""
+    e, n, g = config.expand * config.d_model, config.d_state, config.ngroups
+    return 2 * q * g * n + 2 * q * e + 4 * n * e
+
+
+def layer_flops(config, seq_len: int | None = None) -> tuple[int, int]:
+    if config.ssm_layer == "mamba1":
+        return mamba1_layer_flops(config)
+    if config.ssm_layer == "mamba2":
+        return mamba2_layer_flops(config, seq_len)
+    raise ValueError(f"flops: ssm_layer={config.ssm_layer!r} has no FLOPs formula (mamba1 | mamba2)")
+
+
+def forward_matmul_flops_per_token(config) -> int:
+    """Forward FLOPs per token of the Linear layers (mixer projections and head) only: the part
+    `torch.utils.flop_counter.FlopCounterMode` sees as aten.mm / aten.addmm (tests/model/test_flops.py)."""
+    return config.n_layer * layer_flops(config)[0] + 2 * config.d_model * config.padded_vocab_size
+
+
+def forward_flops_per_token(config, seq_len: int | None = None) -> int:
+    """All forward FLOPs per token; seq_len caps Mamba-2's chunk length (None: chunk_size)."""
+    matmul, other = layer_flops(config, seq_len)
+    return config.n_layer * (matmul + other) + 2 * config.d_model * config.padded_vocab_size
+
+
+def flops_per_token(config, seq_len: int | None = None) -> int:
+    """Training FLOPs per token: forward + backward (3x forward)."""
+    return 3 * forward_flops_per_token(config, seq_len)

@@ -1,9 +1,11 @@
-"""The Mamba language model: token embedding, a stack of Mamba-1 blocks, final norm, LM head.
+"""The Mamba language model: token embedding, a stack of Mamba-1 or Mamba-2 blocks, final norm,
+LM head.
 
 Structure, parameter names and initialisation follow mamba-ssm 2.x's `MambaLMHeadModel` and
-`MixerModel` (`mamba_ssm/models/mixer_seq_simple.py`) for a Mamba-1 model with rms_norm=True,
-residual_in_fp32=True and no MLP, so state dicts load into mamba-ssm (and, with
-`backbone.embedding` renamed `backbone.embeddings`, into HF transformers' `MambaForCausalLM`).
+`MixerModel` (`mamba_ssm/models/mixer_seq_simple.py`) with rms_norm=True, residual_in_fp32=True
+and no MLP (d_intermediate = 0), ssm_cfg {"layer": "Mamba1" | "Mamba2"}, so state dicts load into
+mamba-ssm (and, with `backbone.embedding` renamed `backbone.embeddings`, into HF transformers'
+`MambaForCausalLM` / `Mamba2ForCausalLM`).
 
 Document isolation: packed windows hold several documents; given `position_ids` (each token's
 position inside its document), the tokens at position 0 start a document, and every mixer
@@ -18,13 +20,16 @@ import torch
 from torch import nn
 
 from mamba.model.block import Block
+from mamba.model.loss import DEFAULT_CHUNK_SIZE, chunked_cross_entropy
 from mamba.model.mamba1 import Mamba
+from mamba.model.mamba2 import Mamba2
+from mamba.model.ops import kernels
 from mamba.model.ops.rms_norm import RMSNorm
 
 
 @dataclass
 class MambaConfig:
-    """Architecture and initialisation of a Mamba-1 LM (mamba-ssm's names and defaults)."""
+    """Architecture and initialisation of a Mamba LM (mamba-ssm's names and defaults)."""
 
     d_model: int
     """Width of the residual stream."""
@@ -32,8 +37,10 @@ class MambaConfig:
     """Number of Mamba blocks."""
     vocab_size: int
     """Tokenizer vocabulary size (before padding)."""
+    ssm_layer: str = "mamba1"
+    """Mixer: "mamba1" (selective scan) or "mamba2" (SSD, multi-head)."""
     d_state: int = 16
-    """SSM state size N per channel."""
+    """SSM state size N per channel (mamba-ssm's Mamba-2 default is 128)."""
     d_conv: int = 4
     """Taps of the causal depthwise convolution."""
     expand: int = 2
@@ -46,6 +53,16 @@ class MambaConfig:
     """Largest initial step size dt."""
     dt_init_floor: float = 1e-4
     """Initial dt values are clamped below at this."""
+    headdim: int = 64
+    """Mamba-2: channels per head P; nheads = expand * d_model / headdim."""
+    ngroups: int = 1
+    """Mamba-2: groups of heads sharing B and C (and one gated-norm group each)."""
+    chunk_size: int = 256
+    """Mamba-2: chunk length Q of the SSD scan (changes rounding only, not the result)."""
+    A_init_range: tuple = (1.0, 16.0)
+    """Mamba-2: A ~ U(A_init_range) per head at init (A_log = log A)."""
+    kernels: str = "auto"
+    """"auto" | "torch" | "cuda": mamba-ssm's CUDA kernels or the torch ops (ops/kernels.py)."""
     norm_eps: float = 1e-5
     """Epsilon of every RMSNorm."""
     pad_vocab_size_multiple: int = 8
@@ -67,6 +84,23 @@ class MambaConfig:
         return self.vocab_size + (-self.vocab_size % self.pad_vocab_size_multiple)
 
 
+SSM_LAYERS = ("mamba1", "mamba2")
+N_RESIDUALS_PER_LAYER = 1  # mamba-ssm: 1 without an MLP (d_intermediate = 0), 2 with one
+
+
+def make_mixer(config: MambaConfig) -> nn.Module:
+    """One mixer of the kind config.ssm_layer names, with the config's hyper-parameters."""
+    c = config
+    common = dict(d_state=c.d_state, d_conv=c.d_conv, expand=c.expand, dt_min=c.dt_min,
+                  dt_max=c.dt_max, dt_init_floor=c.dt_init_floor, kernels_mode=c.kernels)
+    if c.ssm_layer == "mamba1":
+        return Mamba(c.d_model, dt_rank=c.dt_rank, **common)
+    if c.ssm_layer == "mamba2":
+        return Mamba2(c.d_model, headdim=c.headdim, ngroups=c.ngroups, chunk_size=c.chunk_size,
+                      A_init_range=c.A_init_range, norm_eps=c.norm_eps, **common)
+    raise ValueError(f"ssm_layer={c.ssm_layer!r}: choose one of {SSM_LAYERS}")
+
+
 class MixerModel(nn.Module):
     """mamba-ssm's backbone: embedding -> n_layer Blocks -> norm_f. (batch, L) ids -> (batch, L, d)."""
 
@@ -77,11 +111,7 @@ class MixerModel(nn.Module):
         self.layers = nn.ModuleList(
             Block(
                 d,
-                mixer=Mamba(
-                    d, d_state=config.d_state, d_conv=config.d_conv, expand=config.expand,
-                    dt_rank=config.dt_rank, dt_min=config.dt_min, dt_max=config.dt_max,
-                    dt_init_floor=config.dt_init_floor,
-                ),
+                mixer=make_mixer(config),
                 norm=RMSNorm(d, eps=config.norm_eps),
                 residual_in_fp32=config.residual_in_fp32,
             )
@@ -98,18 +128,46 @@ class MixerModel(nn.Module):
         return self.norm_f(residual.to(dtype=self.norm_f.weight.dtype))
 
 
-class MambaLMHeadModel(nn.Module):
-    """Mamba-1 causal LM. forward(input_ids, position_ids=None) -> logits (batch, L, padded_vocab).
+class LMHead(nn.Linear):
+    """The bias-free output projection d_model -> padded_vocab_size (parameter `lm_head.weight`).
 
-    Returns a plain tensor (no output object). `backbone_forward` stops before the head, for a
-    loss that applies `lm_head` itself (e.g. chunk by chunk over the sequence).
+    forward(hidden) gives logits; forward(hidden, labels) gives the mean cross-entropy over the
+    real vocabulary (the first `vocab_size` rows) without materialising the logits
+    (mamba/model/loss.py). The loss must run inside this module's forward, not read `.weight`
+    from outside: FSDP2 gathers a unit's sharded parameters in its forward hook, so a weight
+    touched outside a forward call would still be a shard.
+    """
+
+    def __init__(self, d_model: int, padded_vocab_size: int, vocab_size: int,
+                 loss_chunk_size: int = DEFAULT_CHUNK_SIZE):
+        super().__init__(d_model, padded_vocab_size, bias=False)
+        self.vocab_size = vocab_size
+        self.loss_chunk_size = loss_chunk_size
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            return super().forward(hidden)  # (..., padded_vocab_size)
+        return chunked_cross_entropy(hidden, self.weight, labels, vocab_size=self.vocab_size,
+                                     chunk_size=self.loss_chunk_size)
+
+
+class MambaLMHeadModel(nn.Module):
+    """Mamba causal LM: forward(input_ids, position_ids=None, labels=None).
+
+    Without labels it returns logits (batch, L, padded_vocab_size), a plain tensor (no output
+    object); with labels (batch, L; -100 = no loss) it returns the scalar mean next-token loss,
+    computed chunk by chunk so training never holds the full logits.
     """
 
     def __init__(self, config: MambaConfig):
         super().__init__()
+        if config.kernels not in kernels.KERNEL_MODES:
+            raise ValueError(f"kernels={config.kernels!r}: choose one of {kernels.KERNEL_MODES}")
+        if config.kernels == "cuda":
+            kernels.require_cuda_kernels()  # fail at build time, not at the first batch
         self.config = config
         self.backbone = MixerModel(config)
-        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        self.lm_head = LMHead(config.d_model, config.padded_vocab_size, config.vocab_size)
         self.init_weights()
 
     def tie_weights(self) -> None:
@@ -128,7 +186,8 @@ class MambaLMHeadModel(nn.Module):
         `_init_weights` (mixer_seq_simple.py): embedding ~ N(0, initializer_range^2), Linear
         biases zero (done in the mixer), and with rescale_prenorm_residual out_proj's
         kaiming_uniform(a=sqrt(5)) init divided by sqrt(n_residuals_per_layer * n_layer), with
-        n_residuals_per_layer = 1 since Mamba-1 blocks have no MLP (GPT-2's residual scaling).
+        n_residuals_per_layer = 1 since the blocks have no MLP (GPT-2's residual scaling); the same
+        for Mamba-1 and Mamba-2 mixers.
         """
         self.tie_weights()
         config = self.config
@@ -137,7 +196,7 @@ class MambaLMHeadModel(nn.Module):
             layer.norm.reset_parameters()
             layer.mixer.reset_parameters()  # draws out_proj with kaiming_uniform(a=sqrt(5))
             if config.rescale_prenorm_residual:
-                layer.mixer.out_proj.weight.div_(math.sqrt(config.n_layer))
+                layer.mixer.out_proj.weight.div_(math.sqrt(N_RESIDUALS_PER_LAYER * config.n_layer))
         self.backbone.norm_f.reset_parameters()
         if not config.tie_embeddings:
             self.lm_head.reset_parameters()  # nn.Linear's default, untouched by `_init_weights`
@@ -148,13 +207,11 @@ class MambaLMHeadModel(nn.Module):
             return None
         return position_ids == 0
 
-    def backbone_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids, position_ids (batch, L) int64 -> final normalised hidden states (batch, L, d)."""
-        return self.backbone(input_ids, reset=self.document_starts(position_ids))
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids, position_ids (batch, L) int64 -> logits (batch, L, padded_vocab_size)."""
-        return self.lm_head(self.backbone_forward(input_ids, position_ids))
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, position_ids, labels (batch, L) int64 -> logits or the loss (class doc)."""
+        hidden = self.backbone(input_ids, reset=self.document_starts(position_ids))  # (batch, L, d)
+        return self.lm_head(hidden, labels)
 
     def num_parameters(self, exclude_embedding: bool = False) -> int:
         """Parameter count, tied weights once; exclude_embedding leaves out the token embedding

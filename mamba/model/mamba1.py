@@ -14,7 +14,8 @@ Per token, with E = d_inner = expand * d_model, N = d_state, R = dt_rank:
 
 which is mamba-ssm's `Mamba.forward` slow path (the one without the fused CUDA kernel). The one
 addition is `reset`: document starts inside a packed window, where the conv and the SSM state
-restart from zero (document isolation).
+restart from zero (document isolation). On CUDA with mamba-ssm importable, the conv and the scan
+run on its kernels (ops/kernels.py, which documents what isolation means there).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mamba.model.ops import kernels
 from mamba.model.ops.causal_conv1d import causal_conv1d
 from mamba.model.ops.selective_scan import selective_scan
 
@@ -33,7 +35,12 @@ class Mamba(nn.Module):
 
     Parameters (mamba-ssm names): in_proj.weight (2E, d), conv1d.weight (E, 1, d_conv),
     conv1d.bias (E), x_proj.weight (R + 2N, E), dt_proj.weight (E, R), dt_proj.bias (E),
-    A_log (E, N), D (E), out_proj.weight (d, E).
+    A_log (E, N), D (E), out_proj.weight (d, E). A_log, D and dt_proj.bias are float32 and
+    `_no_weight_decay`.
+
+    Stable attributes for stepping (generation reads them): d_model, d_inner, d_state, d_conv,
+    dt_rank; in_proj output order [x, z]; x_proj output order [dt, B, C]; the conv state is the
+    last d_conv inputs of x, the SSM state (batch, d_inner, d_state).
     """
 
     def __init__(
@@ -48,6 +55,7 @@ class Mamba(nn.Module):
         dt_init_floor: float = 1e-4,
         conv_bias: bool = True,
         bias: bool = False,
+        kernels_mode: str = "auto",
         device=None,
         dtype=None,
     ):
@@ -57,6 +65,7 @@ class Mamba(nn.Module):
         self.d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+        self.kernels_mode = kernels_mode
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
         # Used only as the holder of the depthwise weight (E, 1, K) and bias, with nn.Conv1d's
@@ -112,11 +121,24 @@ class Mamba(nn.Module):
         # Keep time-major (batch, L, E) memory throughout; the ops take (batch, E, L) views of it,
         # the argument layout of mamba-ssm's kernels, without copying.
         x, z = xz.chunk(2, dim=-1)
-        x = F.silu(causal_conv1d(x.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, reset))
+        use_cuda = kernels.use_cuda(self.kernels_mode, hidden_states, "selective scan")
+        if use_cuda:
+            seq_idx = None if reset is None else kernels.seq_idx_from_reset(reset)
+            x = kernels.conv1d_silu(x.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, seq_idx)
+        else:
+            x = F.silu(causal_conv1d(x.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, reset))
         x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, L, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # (batch, L, E); bias goes in as delta_bias
         A = -torch.exp(self.A_log.float())  # (E, N), negative: every decay exp(dt * A) <= 1
+        if use_cuda:
+            if reset is not None:
+                kernels.warn_mamba1_isolation()  # the kernel cannot reset the SSM state
+            y = kernels.selective_scan(
+                x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
+                self.D.float(), z.transpose(1, 2), self.dt_proj.bias.float(),
+            )  # (batch, E, L)
+            return self.out_proj(y.transpose(1, 2))
         y = selective_scan(
             x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
             z=z.transpose(1, 2), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,

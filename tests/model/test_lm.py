@@ -122,15 +122,6 @@ def test_document_isolation():
         assert torch.equal(blind(input_ids, position_ids), model(input_ids))
 
 
-def test_backbone_forward_then_head_is_forward():
-    model = MambaLMHeadModel(SMALL)
-    input_ids, position_ids = two_documents(model)
-    with torch.no_grad():
-        hidden = model.backbone_forward(input_ids, position_ids)
-        assert hidden.shape == (2, 40, 64)
-        assert torch.equal(model.lm_head(hidden), model(input_ids, position_ids))
-
-
 def test_meta_device_init():
     config = dataclasses.replace(SMALL, n_layer=4)
     with torch.device("meta"):

@@ -34,3 +34,34 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class RMSNormGated(nn.Module):
+    """Mamba-2's gated, grouped RMSNorm: y = rmsnorm(x * silu(z)) * weight, with the statistics
+    taken over each group of `group_size` channels (mamba-ssm `ops/triton/layernorm_gated.py`,
+    `RMSNormGated` with norm_before_gate=False, `rms_norm_ref`). x, z (..., hidden_size).
+
+    The group is what makes the norm independent of tensor-parallel sharding in mamba-ssm
+    (group_size = d_inner / ngroups); float32 statistics as in RMSNorm above.
+    """
+
+    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        if hidden_size % group_size:
+            raise ValueError(f"RMSNormGated: group_size {group_size} must divide hidden_size {hidden_size}")
+        self.eps, self.group_size = eps, group_size
+        self.weight = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        compute = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(compute) * torch.nn.functional.silu(z.to(compute))
+        groups = xf.unflatten(-1, (-1, self.group_size))  # (..., hidden / group_size, group_size)
+        rstd = torch.rsqrt(groups.square().mean(dim=-1, keepdim=True) + self.eps)
+        return ((groups * rstd).flatten(-2) * self.weight.to(compute)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, group_size={self.group_size}, eps={self.eps}"

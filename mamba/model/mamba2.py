@@ -1,0 +1,140 @@
+"""The Mamba-2 mixer (Dao & Gu 2024, "Transformers are SSMs", Sec. 7 and Fig. 6), with mamba-ssm
+2.3.1's parameter names, shapes and initialisation (`mamba_ssm/modules/mamba2.py`, class `Mamba2`,
+with d_ssm = d_inner, no MLP part, rmsnorm=True, norm_before_gate=False, D per head).
+
+Per token, with E = d_inner = expand * d_model, H = nheads = E / headdim, G = ngroups, N = d_state:
+
+    z, xBC, dt = in_proj(hidden)                  (E, E + 2 G N, H): all projections in one matmul
+    xBC        = silu(causal_conv1d(xBC))         depthwise, d_conv taps, over x, B and C together
+    x, B, C    = xBC                              x (H heads of headdim), B, C (G groups of N)
+    y          = ssd(x, dt, A = -exp(A_log), B, C, D, dt_bias, dt_softplus=True)   ops/ssd.py
+    out        = out_proj(norm(y, z))             norm = rmsnorm(y * silu(z)) per group, * weight
+
+`reset` (batch, L) bool marks document starts: conv and SSM state restart there.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mamba.model.ops import kernels
+from mamba.model.ops.causal_conv1d import causal_conv1d
+from mamba.model.ops.rms_norm import RMSNormGated
+from mamba.model.ops.ssd import ssd_chunked
+
+
+class Mamba2(nn.Module):
+    """Mamba-2 mixer: (batch, L, d_model) -> (batch, L, d_model).
+
+    Parameters (mamba-ssm names): in_proj.weight (2E + 2GN + H, d_model), conv1d.weight
+    (E + 2GN, 1, d_conv), conv1d.bias (E + 2GN), dt_bias (H), A_log (H), D (H), norm.weight (E),
+    out_proj.weight (d_model, E). A_log, D and dt_bias are float32 and `_no_weight_decay`.
+
+    Stable attributes for stepping (generation reads them): d_model, d_inner, d_state, d_conv,
+    headdim, nheads, ngroups, chunk_size; in_proj output order [z, xBC, dt]; conv channels order
+    [x, B, C]; head h uses group h // (nheads // ngroups); the conv state is the last d_conv
+    inputs of xBC, the SSM state (batch, nheads, headdim, d_state).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 128,
+        d_conv: int = 4,
+        expand: int = 2,
+        headdim: int = 64,
+        ngroups: int = 1,
+        chunk_size: int = 256,
+        A_init_range: tuple[float, float] = (1.0, 16.0),
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        norm_eps: float = 1e-5,
+        conv_bias: bool = True,
+        bias: bool = False,
+        kernels_mode: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        if self.d_inner % headdim:
+            raise ValueError(
+                f"Mamba2: d_inner = expand * d_model = {self.d_inner} must be a multiple of headdim={headdim}"
+            )
+        self.headdim, self.nheads, self.ngroups = headdim, self.d_inner // headdim, ngroups
+        if self.nheads % ngroups:
+            raise ValueError(f"Mamba2: nheads = {self.nheads} must be a multiple of ngroups={ngroups}")
+        self.chunk_size, self.A_init_range = chunk_size, tuple(A_init_range)
+        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+        self.kernels_mode = kernels_mode
+
+        conv_dim = self.d_inner + 2 * ngroups * d_state
+        self.in_proj = nn.Linear(d_model, self.d_inner + conv_dim + self.nheads, bias=bias, **factory)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, d_conv, groups=conv_dim, padding=d_conv - 1,
+                                bias=conv_bias, **factory)
+        # float32 whatever the model dtype (mamba-ssm keeps them so too): exp(A_log) and
+        # softplus(dt + dt_bias) span orders of magnitude that bf16 would round coarsely.
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads, device=device))
+        self.A_log = nn.Parameter(torch.empty(self.nheads, device=device))
+        self.D = nn.Parameter(torch.empty(self.nheads, device=device))
+        self.norm = RMSNormGated(self.d_inner, group_size=self.d_inner // ngroups, eps=norm_eps, **factory)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """mamba-ssm's `Mamba2.__init__` initialisation (conv_init=None: nn.Conv1d's default).
+
+        Safe after `to_empty()` from the meta device: re-creates every value and the
+        `_no_weight_decay` flags. The LM's `init_weights` then rescales out_proj.
+        """
+        for linear in (self.in_proj, self.out_proj):
+            linear.reset_parameters()
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)  # mamba-ssm `_init_weights`
+        self.conv1d.reset_parameters()
+        self.norm.reset_parameters()
+        with torch.no_grad():
+            # dt = exp(U(log dt_min, log dt_max)) floored, stored as softplus^-1(dt) (Mamba-1's rule).
+            lo, hi = math.log(self.dt_min), math.log(self.dt_max)
+            dt = torch.exp(torch.rand(self.nheads, device=self.dt_bias.device) * (hi - lo) + lo)
+            dt = dt.clamp(min=self.dt_init_floor)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            # One decay rate per head, A ~ U(A_init_range), stored as log A (A = -exp(A_log)).
+            self.A_log.copy_(torch.empty_like(self.A_log).uniform_(*self.A_init_range).log())
+            self.D.fill_(1.0)
+        for p in (self.A_log, self.D, self.dt_bias):
+            p._no_weight_decay = True
+
+    def forward(self, hidden_states: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden_states (batch, L, d_model); reset (batch, L) bool, True at document starts."""
+        batch, length, _ = hidden_states.shape
+        gn = self.ngroups * self.d_state
+        zxbcdt = self.in_proj(hidden_states)  # (batch, L, 2E + 2GN + H)
+        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.d_inner + 2 * gn, self.nheads], dim=-1)
+        use_cuda = kernels.use_cuda(self.kernels_mode, hidden_states, "ssd scan")
+        seq_idx = kernels.seq_idx_from_reset(reset) if use_cuda and reset is not None else None
+        if use_cuda:
+            xBC = kernels.conv1d_silu(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, seq_idx)
+        else:
+            xBC = F.silu(causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, reset))
+        xBC = xBC.transpose(1, 2)  # (batch, L, E + 2GN)
+        x, B, C = torch.split(xBC, [self.d_inner, gn, gn], dim=-1)
+        x = x.unflatten(-1, (self.nheads, self.headdim))  # (batch, L, H, P)
+        B = B.unflatten(-1, (self.ngroups, self.d_state))  # (batch, L, G, N)
+        C = C.unflatten(-1, (self.ngroups, self.d_state))
+        A = -torch.exp(self.A_log.float())  # (H,), negative
+        D, dt_bias = self.D.float(), self.dt_bias.float()
+        if use_cuda:
+            y = kernels.ssd_scan(x, dt, A, B, C, self.chunk_size, D, dt_bias, seq_idx)
+            y = kernels.rms_norm_gated(y.flatten(2), z, self.norm.weight, self.norm.eps, self.norm.group_size)
+        else:
+            y = ssd_chunked(x, dt, A, B, C, chunk_size=self.chunk_size, D=D, dt_bias=dt_bias,
+                            dt_softplus=True, reset=reset)
+            y = self.norm(y.flatten(2), z)  # (batch, L, E)
+        return self.out_proj(y)

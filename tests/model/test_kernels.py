@@ -1,0 +1,96 @@
+"""Kernel dispatch (ops/kernels.py): clear failure of `kernels: cuda` where the kernels cannot
+run, torch fallback under `auto`, and (on a CUDA machine with mamba-ssm) kernels vs torch on the
+same weights, forward and gradients."""
+import copy
+import logging
+
+import pytest
+import torch
+
+from mamba.model import MambaConfig, MambaLMHeadModel
+from mamba.model.ops import kernels
+
+AVAILABLE, REASON = kernels.cuda_kernels_available()
+ON_GPU = torch.cuda.is_available() and AVAILABLE
+SKIP_GPU = f"needs a CUDA GPU and mamba-ssm/causal-conv1d (cuda available: {torch.cuda.is_available()}, kernels: {REASON or 'ok'})"
+
+
+def config(ssm_layer, mode, **kw):
+    return MambaConfig(d_model=64, n_layer=2, vocab_size=100, ssm_layer=ssm_layer, d_state=16, headdim=32,
+                       chunk_size=64, kernels=mode, **kw)
+
+
+@pytest.mark.skipif(AVAILABLE, reason="mamba-ssm's kernels import here; this checks the error without them")
+def test_kernels_cuda_fails_clearly_without_mamba_ssm():
+    with pytest.raises(RuntimeError, match=r"model\.kernels='cuda'.*cannot be imported.*'auto' or 'torch'"):
+        MambaLMHeadModel(config("mamba2", "cuda"))
+
+
+@pytest.mark.skipif(not AVAILABLE, reason="needs mamba-ssm importable, to reach the device check")
+def test_kernels_cuda_refuses_cpu_tensors():
+    model = MambaLMHeadModel(config("mamba1", "cuda"))
+    with pytest.raises(RuntimeError, match="need CUDA tensors"):
+        model(torch.randint(0, 100, (1, 8)))
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="kernels='triton'"):
+        MambaLMHeadModel(config("mamba1", "triton"))
+
+
+@pytest.mark.parametrize("ssm_layer,op", [("mamba1", "selective scan"), ("mamba2", "ssd scan")])
+def test_auto_on_cpu_uses_torch_and_says_so_once(ssm_layer, op, caplog):
+    kernels._log_once.cache_clear()
+    torch.manual_seed(0)
+    auto = MambaLMHeadModel(config(ssm_layer, "auto"))
+    forced = copy.deepcopy(auto)
+    for layer in forced.backbone.layers:
+        layer.mixer.kernels_mode = "torch"
+    ids = torch.randint(0, 100, (2, 24))
+    with caplog.at_level(logging.INFO, logger=kernels.__name__):
+        out = auto(ids)
+        auto(ids)
+    assert torch.equal(out, forced(ids))  # the same torch computation
+    chosen = [r.getMessage() for r in caplog.records if r.getMessage().startswith(op)]
+    assert chosen == [f"{op}: torch chunked (model.kernels=auto)"]  # logged once, not per layer/call
+
+
+def test_seq_idx_from_reset():
+    reset = torch.tensor([[True, False, False, True, False], [False, False, True, True, False]])
+    assert kernels.seq_idx_from_reset(reset).tolist() == [[1, 1, 1, 2, 2], [0, 0, 1, 2, 2]]
+    assert kernels.seq_idx_from_reset(reset).dtype == torch.int32
+
+
+def compare_paths(ssm_layer, dtype, positions, rtol, atol):
+    torch.manual_seed(0)
+    ref = MambaLMHeadModel(config(ssm_layer, "torch")).cuda()
+    fast = copy.deepcopy(ref)
+    for layer in fast.backbone.layers:
+        layer.mixer.kernels_mode = "cuda"
+    ids = torch.randint(0, 100, (2, 256), device="cuda")
+    results = []
+    for model in (ref, fast):
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            logits = model(ids, positions)
+        logits.float().square().mean().backward()
+        results.append((logits.float(), {n: p.grad.float() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=rtol, atol=atol)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=rtol, atol=atol, msg=name)
+
+
+TOLS = [(torch.float32, 1e-3, 1e-3), (torch.bfloat16, 5e-2, 5e-2)]
+
+
+@pytest.mark.skipif(not ON_GPU, reason=SKIP_GPU)
+@pytest.mark.parametrize("ssm_layer", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("dtype,rtol,atol", TOLS)
+def test_kernel_path_matches_torch_path_one_document(ssm_layer, dtype, rtol, atol):
+    compare_paths(ssm_layer, dtype, None, rtol, atol)
+
+
+@pytest.mark.skipif(not ON_GPU, reason=SKIP_GPU)
+@pytest.mark.parametrize("dtype,rtol,atol", TOLS)
+def test_mamba2_kernel_path_matches_torch_path_with_document_resets(dtype, rtol, atol):
+    positions = torch.cat([torch.arange(100), torch.arange(60), torch.arange(96)])[None].repeat(2, 1).cuda()
+    compare_paths("mamba2", dtype, positions, rtol, atol)

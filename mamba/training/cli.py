@@ -17,6 +17,6 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = load_config(argv[0], argv[1:])
-    except ConfigError as err:
+        train(cfg)
+    except ConfigError as err:  # also the rules that need the world size or the device
         sys.exit(f"config error: {err}")
-    train(cfg)

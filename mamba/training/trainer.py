@@ -3,114 +3,113 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
+from pathlib import Path
 
 import torch
-from composer import Trainer
-from composer.algorithms import GradientClipping
-from composer.callbacks import LRMonitor, SpeedMonitor
+from composer import Evaluator, Trainer
 from composer.utils import dist, reproducibility
-from composer.utils.parallelism import FSDP2Config, ParallelismConfig
+from omegaconf import OmegaConf
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from mamba.config.load import check_world_size
+from mamba.config.load import check_world_size, to_dict
 from mamba.config.schema import TrainConfig
-from mamba.data.loader import build_train_dataloader
+from mamba.data.loader import build_eval_dataloader, build_train_dataloader
 from mamba.model.composer_model import ComposerMambaLM
-from mamba.model.lm import MambaConfig, MambaLMHeadModel
-from mamba.training.metrics_file import JSONLinesLogger
-from mamba.training.optim import build_optimizer, build_scheduler
+from mamba.model.factory import build_model
+from mamba.training.callbacks import build_callbacks, build_loggers
+from mamba.training.optim import build_optimizer
+from mamba.training.parallel import (assign_units, average_gloo_gradients, build_parallelism, resolve_device,
+                                     resolve_precision)
+from mamba.training.schedules import build_scheduler
+from mamba.training.signals import sigterm_received
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: TrainConfig) -> Trainer:
-    device = _resolve_device(cfg.trainer.device)
+    device = resolve_device(cfg.trainer.device)
     dist.initialize_dist(device)  # before the sampler, which needs the world size and rank
     if device == "cpu":
         _limit_cpu_threads()
-    per_rank_batch = check_world_size(cfg, dist.get_world_size())
+    world_size = dist.get_world_size()
+    per_rank_batch = check_world_size(cfg, world_size)
+    save_folder = cfg.trainer.save_folder.format(run_name=cfg.run_name)
+    if dist.get_global_rank() == 0:
+        write_run_config(cfg, Path(save_folder))  # tools/export_hf.py rebuilds the model from it
 
+    t = cfg.trainer
     # Same seed on every rank: every rank builds identical initial weights before FSDP shards them.
+    # (Each rank holds the whole fp32 model until sharding: 6.4 GB for 1.6B parameters.)
     reproducibility.seed_all(cfg.seed)
-    model = ComposerMambaLM(build_model(cfg))
+    model = ComposerMambaLM(build_model(cfg.model))
+    assign_units(model.model, cfg.fsdp)
     log.info("model: %s parameters", f"{model.model.num_parameters():,}")
 
     train_loader = build_train_dataloader(cfg.data, per_rank_batch, cfg.model.vocab_size, cfg.seed)
-    optimizer = build_optimizer(model, cfg.optimizer)
-
-    t = cfg.trainer
+    eval_loader = build_eval_dataloader(cfg.data, t.micro_batch_size, cfg.model.vocab_size)
     trainer = Trainer(
         run_name=cfg.run_name,
         seed=cfg.seed,
         model=model,
         train_dataloader=train_loader,
-        optimizers=optimizer,
+        # Eval loss and perplexity (Composer's metrics on ComposerMambaLM.eval_forward's logits).
+        **({} if eval_loader is None else dict(eval_dataloader=Evaluator(label="eval", dataloader=eval_loader),
+                                                eval_interval=t.eval_interval,
+                                                eval_subset_num_batches=t.eval_subset_num_batches)),
+        optimizers=build_optimizer(model, cfg.optimizer, device),
         schedulers=build_scheduler(cfg.scheduler),
         step_schedulers_every_batch=True,
         max_duration=t.max_duration,
         device=device,
-        precision=_resolve_precision(t.precision, device),
+        precision=resolve_precision(t.precision, device),
+        # Composer splits each rank's per_rank_batch into micro batches of this size, scales each
+        # micro batch's mean loss by micro/per_rank and sums the gradients before one optimizer step.
         device_train_microbatch_size=t.micro_batch_size,
-        parallelism_config=_parallelism(cfg, world_size=dist.get_world_size()),
-        algorithms=[GradientClipping("norm", cfg.optimizer.grad_clip_norm)] if cfg.optimizer.grad_clip_norm else [],
-        callbacks=[SpeedMonitor(window_size=10), LRMonitor()],
-        loggers=[JSONLinesLogger(cfg.metrics_file.format(run_name=cfg.run_name))] if cfg.metrics_file else [],
-        progress_bar=t.progress_bar,
-        log_to_console=not t.progress_bar,
-        console_log_interval=t.log_interval,
-        save_folder=t.save_folder.format(run_name=cfg.run_name),
+        parallelism_config=build_parallelism(cfg.fsdp, device, world_size),
+        # gradient clipping, the grad-norm log and the NaN/Inf guard are one callback (callbacks.py)
+        callbacks=build_callbacks(cfg, device, resolve_precision(t.precision, device)),
+        loggers=build_loggers(cfg),
+        progress_bar=cfg.logging.progress_bar,
+        log_to_console=not cfg.logging.progress_bar,
+        console_log_interval=cfg.logging.log_interval,
+        save_folder=save_folder,
         save_interval=t.save_interval,
         save_num_checkpoints_to_keep=t.save_num_checkpoints_to_keep,
         save_overwrite=False,
         autoresume=t.autoresume,
     )
+    average_gloo_gradients(trainer.state.model.model)
     trainer.fit()
+    if t.export_hf and not sigterm_received():  # after SIGTERM the job must exit, not export
+        export_final_model(trainer, cfg, Path(save_folder) / "hf")
     return trainer
 
 
-def build_model(cfg: TrainConfig) -> MambaLMHeadModel:
-    m = cfg.model
-    return MambaLMHeadModel(
-        MambaConfig(
-            d_model=m.d_model,
-            n_layer=m.n_layer,
-            vocab_size=m.vocab_size,
-            d_state=m.d_state,
-            d_conv=m.d_conv,
-            expand=m.expand,
-            pad_vocab_size_multiple=m.pad_vocab_size_multiple,
-            tie_embeddings=m.tie_embeddings,
-            document_isolation=m.document_isolation,
-        )
-    )
+def write_run_config(cfg: TrainConfig, folder: Path) -> None:
+    """The resolved config as YAML at <folder>/config.yaml, written to a temp name then renamed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".config.yaml.", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        f.write(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))
+    os.replace(tmp, folder / "config.yaml")
 
 
-def _parallelism(cfg: TrainConfig, world_size: int) -> ParallelismConfig | None:
-    """FSDP2 across all ranks; a single rank trains unwrapped (nothing to shard)."""
-    if world_size == 1:
-        return None
-    return ParallelismConfig(
-        fsdp2=FSDP2Config(
-            activation_checkpointing=cfg.fsdp.activation_checkpointing,
-            reshard_after_forward=cfg.fsdp.reshard_after_forward,
-            state_dict_type=cfg.fsdp.state_dict_type,
-        )
-    )
+def export_final_model(trainer: Trainer, cfg: TrainConfig, out_dir: Path) -> None:
+    """Gather the full (unsharded) weights on every rank's CPU, then rank 0 writes the HF directory."""
+    from mamba.model.hf import export_hf
+    from mamba.training.checkpoint_io import run_tokenizer
 
-
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    if device == "gpu" and not torch.cuda.is_available():
-        raise RuntimeError("trainer.device=gpu but CUDA is not available; use trainer.device=auto or cpu")
-    return device
-
-
-def _resolve_precision(precision: str, device: str) -> str:
-    if precision == "auto":
-        return "amp_bf16" if device == "gpu" else "fp32"
-    if precision == "amp_bf16" and device == "cpu":
-        raise ValueError("trainer.precision=amp_bf16 is not supported on CPU; use fp32 or auto")
-    return precision
+    # A collective under FSDP2 (all ranks must call it); a plain state dict on one rank.
+    state = get_model_state_dict(trainer.state.model.model,
+                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_global_rank() == 0:
+        model = build_model(cfg.model, device="cpu")
+        model.load_state_dict(state)
+        model.tie_weights()
+        export_hf(model, str(out_dir), tokenizer_path=run_tokenizer(cfg))
+        log.info("exported the final model to %s", out_dir)
+    dist.barrier()
 
 
 def _limit_cpu_threads() -> None:

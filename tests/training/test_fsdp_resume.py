@@ -1,11 +1,21 @@
-"""The real launch line on 2 CPU ranks with FSDP2: loss falls, and resume is bit-identical.
+"""The real launch line on 2 CPU ranks with FSDP2: loss falls, runs are deterministic, resume is
+bit-identical, FSDP trains the same model as one device, and the other strategies work.
 
-Three `composer -n 2 mamba/train.py` launches (each ~10 s of start-up, so no more):
+Five `composer -n 2 mamba/train.py` launches (each ~10 s of start-up, so no more), all evaluating
+on a held-out split every 10 batches:
   A  20 batches uninterrupted;
-  B  the same run stopped after batch 10 (max_duration=10ba, schedule still 20 batches long);
+  B  the same run stopped after batch 10 (max_duration=10ba, schedule still 20 batches long):
+     its 10 losses must equal A's bit for bit (same config and seed give the same losses);
   B' the same command with max_duration=20ba: autoresume picks up B's checkpoint at batch 10.
-B' must end with exactly A's loss: same weights, optimizer state, data order and RNG.
+     B' must end with exactly A's loss: same weights, optimizer state, data order and RNG.
+  C  A with SHARD_GRAD_OP and checkpointing of every 2nd block, exporting the final model to HF:
+     the same losses as A up to fp32 reduction order.
+  D  HYBRID_SHARD with one replica (the shard group is both ranks), untied embedding and head
+     (their own FSDP units), WSD on token durations: trains, and the logged lr follows the schedule.
+and one single-process run without FSDP: the same losses and gradient norms as A (FSDP2 must
+average gradients over ranks, not sum them, whatever the backend).
 """
+import math
 import os
 import socket
 import subprocess
@@ -41,13 +51,14 @@ def tiny_config(tmp_path_factory) -> Path:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     sources = sorted(p for p in stdlib.glob("*.py"))[:60]
     run([sys.executable, "tools/pack.py", "--tokenizer", "bpe:512", "--out", str(work / "packed"),
-         *map(str, sources)], cwd=REPO)
+         "--val-fraction", "0.1", *map(str, sources)], cwd=REPO)
     config = work / "tiny.yaml"
-    run([sys.executable, "create_mamba_config.py", "--preset", "tiny", "--data", str(work / "packed"),
-         "--out", str(config), "model.d_model=64", "model.n_layer=2", "data.seq_len=64",
+    run([sys.executable, "create_mamba_config.py", "--preset", "tiny", "--data", str(work / "packed" / "train"),
+         "--eval-data", str(work / "packed" / "val"),
+         "--out", str(config), "trainer.eval_interval=10ba", "trainer.eval_subset_num_batches=2", "model.d_model=64", "model.n_layer=2", "data.seq_len=64",
          "trainer.global_batch_size=8", "trainer.micro_batch_size=2", "scheduler.t_warmup=4ba",
-         "scheduler.t_max=20ba", "trainer.save_interval=10ba", "trainer.progress_bar=false",
-         f"trainer.save_folder={work}/{{run_name}}/ckpt", f"metrics_file={work}/{{run_name}}/metrics.jsonl"],
+         "scheduler.t_max=20ba", "trainer.save_interval=10ba", "logging.progress_bar=false",
+         f"trainer.save_folder={work}/{{run_name}}/ckpt", f"logging.metrics_file={work}/{{run_name}}/metrics.jsonl"],
         cwd=REPO)
     return config
 
@@ -57,9 +68,20 @@ def launch(config: Path, *overrides: str) -> subprocess.CompletedProcess:
                 *overrides], cwd=REPO, timeout=600)
 
 
-def losses(config: Path, run_name: str) -> dict[int, float]:
+def logged(config: Path, run_name: str, key: str) -> dict[int, float]:
+    """{batch: value} of one metric from a run's metrics.jsonl."""
     rows = read_metrics(str(config.parent / run_name / "metrics.jsonl"))
-    return {r["batch"]: r["loss/train/total"] for r in rows if "loss/train/total" in r}
+    return {r["batch"]: r[key] for r in rows if key in r}
+
+
+def losses(config: Path, run_name: str) -> dict[int, float]:
+    return logged(config, run_name, "loss/train/total")
+
+
+def close(a: dict[int, float], b: dict[int, float], rtol: float, what: str) -> None:
+    assert sorted(a) == sorted(b), f"{what}: batches {sorted(a)} vs {sorted(b)}"
+    for k in a:
+        assert abs(a[k] - b[k]) <= rtol * abs(b[k]), f"{what} at batch {k}: {a[k]} vs {b[k]}"
 
 
 def test_two_rank_fsdp_training_learns_and_resumes_bit_identically(tiny_config):
@@ -72,7 +94,9 @@ def test_two_rank_fsdp_training_learns_and_resumes_bit_identically(tiny_config):
     launch(tiny_config, "run_name=split", "trainer.max_duration=10ba")
     ckpts = sorted(p.name for p in (tiny_config.parent / "split" / "ckpt").iterdir())
     assert any("ba10" in name for name in ckpts), ckpts
-    assert max(losses(tiny_config, "split")) == 10
+    first_half = losses(tiny_config, "split")
+    assert max(first_half) == 10
+    assert all(first_half[b] == whole[b] for b in range(1, 11)), "same config and seed gave different losses"
 
     launch(tiny_config, "run_name=split", "trainer.max_duration=20ba")
     split = losses(tiny_config, "split")
@@ -80,3 +104,60 @@ def test_two_rank_fsdp_training_learns_and_resumes_bit_identically(tiny_config):
     assert split[20] == whole[20], f"resumed final loss {split[20]!r} != uninterrupted {whole[20]!r}"
     for b in range(11, 21):
         assert split[b] == whole[b], f"batch {b}: {split[b]!r} != {whole[b]!r}"
+
+
+def whole_run(config: Path) -> None:
+    if not (config.parent / "whole" / "metrics.jsonl").exists():  # when run alone
+        launch(config, "run_name=whole", "trainer.max_duration=20ba")
+
+
+def test_fsdp_on_two_ranks_trains_the_same_model_as_one_process(tiny_config):
+    whole_run(tiny_config)
+    # 5 batches in one process: no FSDP, no gradient reduction (Composer runs world size 1).
+    run([sys.executable, "mamba/train.py", str(tiny_config), "run_name=single", "trainer.max_duration=5ba"],
+        cwd=REPO, timeout=600)
+    first = range(1, 6)
+    for key in ("loss/train/total", "train/grad_norm"):
+        two, one = logged(tiny_config, "whole", key), logged(tiny_config, "single", key)
+        close({b: two[b] for b in first}, one, 1e-5, key)  # fp32 sums in another order
+
+
+def test_shard_grad_op_with_sparse_checkpointing_matches_evaluates_and_exports_hf(tiny_config):
+    from mamba.config import load_config
+
+    run_dir = tiny_config.parent / "gradop"
+    launch(tiny_config, "run_name=gradop", "trainer.max_duration=20ba", "fsdp.sharding_strategy=SHARD_GRAD_OP",
+           "fsdp.activation_checkpointing_every=2", "trainer.export_hf=true")
+    whole_run(tiny_config)
+    close(losses(tiny_config, "gradop"), losses(tiny_config, "whole"), 1e-6, "loss")
+    # Evaluated at batches 10 and 20 on the held-out split, loss and perplexity consistent.
+    ce = logged(tiny_config, "gradop", "metrics/eval/LanguageCrossEntropy")
+    ppl = logged(tiny_config, "gradop", "metrics/eval/LanguagePerplexity")
+    assert sorted(ce) == [10, 20] and sorted(ppl) == [10, 20], (ce, ppl)
+    assert ce[20] < ce[10], f"eval loss did not fall: {ce}"
+    for b in ce:
+        assert abs(ppl[b] - math.exp(ce[b])) <= 1e-4 * ppl[b]
+    # The run wrote its resolved config next to the checkpoints, and it loads back to the same run.
+    cfg = load_config(run_dir / "ckpt" / "config.yaml")
+    assert (cfg.run_name, cfg.fsdp.sharding_strategy, cfg.trainer.export_hf) == ("gradop", "SHARD_GRAD_OP", True)
+    hf = run_dir / "ckpt" / "hf"
+    assert (hf / "config.json").is_file() and (hf / "model.safetensors").is_file()
+
+
+def test_hybrid_shard_untied_head_and_token_wsd_schedule(tiny_config):
+    # 8 windows x 64 tokens = 512 tokens per batch; 12 batches = 6144 tokens: warmup 1024 tokens
+    # (2 batches), stable to 4096, decay over the last 2048 (batches 8..12) linearly to 0.
+    launch(tiny_config, "run_name=hybrid", "trainer.max_duration=6144tok", "fsdp.sharding_strategy=HYBRID_SHARD",
+           "fsdp.shard_degree=2", "model.tie_embeddings=false", "scheduler.name=wsd", "scheduler.t_warmup=1024tok",
+           "scheduler.t_max=1dur", "scheduler.t_decay=2048tok", "scheduler.decay_shape=linear", "scheduler.alpha_f=0",
+           "trainer.save_interval=6ba")
+    rows = read_metrics(str(tiny_config.parent / "hybrid" / "metrics.jsonl"))
+    lrs = {r["batch"]: r[k] for r in rows for k in r if k.startswith("lr-")}
+    peak = max(lrs.values())
+    # LRMonitor logs the lr each batch trained with: batch b ran at the schedule's value after b - 1 batches.
+    expected = {1: 0.0, 2: 0.5, 3: 1.0, 6: 1.0, 9: 1.0, 10: 0.75, 11: 0.5, 12: 0.25}
+    for b, factor in expected.items():
+        assert abs(lrs[b] - factor * peak) <= 1e-9 * peak, f"batch {b}: lr {lrs[b]} != {factor} x {peak}"
+    trained = losses(tiny_config, "hybrid")
+    assert sorted(trained) == list(range(1, 13)) and all(v == v for v in trained.values())
+    assert any("ba12" in p.name for p in (tiny_config.parent / "hybrid" / "ckpt").iterdir())

@@ -1,0 +1,138 @@
+"""Read a trained model back from a Composer checkpoint, in one process, without a process group.
+
+Composer writes one of two forms (composer/callbacks/checkpoint_saver.py, utils/checkpoint.py):
+  full      one file `ep{E}-ba{B}-rank0.pt`: torch.save of {"state": {"model": {...}, ...}, "rng": ...};
+            the model's keys carry the ComposerModel's attribute prefix, "model.backbone...".
+  sharded   a directory `ep{E}-ba{B}/` written by torch.distributed.checkpoint (FSDP2): a
+            `.metadata` file plus `__{rank}_{i}.distcp` shards; the same nested dict, flattened by
+            DCP into keys "state.model.model.backbone...".
+and, in the save_folder, a `latest-rank0.pt` symlink to the newest one. Only the model's tensors
+are read (no optimizer state). The architecture comes from the run's `config.yaml`, which the
+trainer writes into its save_folder.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from mamba.config.load import load_config
+from mamba.config.schema import TrainConfig
+from mamba.model.factory import build_model
+from mamba.model.lm import MambaLMHeadModel
+
+MODEL_PREFIX = "model."  # ComposerMambaLM keeps the plain model as its `model` attribute
+DCP_MODEL_PREFIX = "state.model." + MODEL_PREFIX
+CONFIG_NAME = "config.yaml"
+_ENTRY = re.compile(r"^ep(\d+)-ba(\d+)")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file or sharded directory; a save_folder resolves to its newest checkpoint
+    (the `latest-rank0.pt` symlink if present, else the highest batch among `ep*-ba*` entries)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_file() or is_sharded(path):
+        return path
+    latest = path / "latest-rank0.pt"
+    if latest.exists():
+        return latest.resolve()
+    entries = [(int(m[2]), int(m[1]), p) for p in path.iterdir() if (m := _ENTRY.match(p.name))]
+    if not entries:
+        raise FileNotFoundError(
+            f"{path}: neither a checkpoint file, a sharded checkpoint directory (.metadata) nor a "
+            f"save_folder holding latest-rank0.pt or ep*-ba* checkpoints")
+    return max(entries)[2]
+
+
+def is_sharded(path: Path) -> bool:
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The plain model's state dict (keys "backbone...", "lm_head.weight") of a checkpoint."""
+    path = resolve_checkpoint(path)
+    if is_sharded(path):
+        return _load_sharded(path)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        model_state = state["state"]["model"]
+    except (KeyError, TypeError):
+        raise ValueError(f"{path}: not a Composer checkpoint (no state['state']['model'])") from None
+    out = {k[len(MODEL_PREFIX):]: v for k, v in model_state.items() if k.startswith(MODEL_PREFIX)}
+    if not out:
+        raise ValueError(f"{path}: the checkpoint's model holds no '{MODEL_PREFIX}*' keys; not a ComposerMambaLM")
+    return out
+
+
+def _load_sharded(path: Path) -> dict[str, torch.Tensor]:
+    """Assemble the full model tensors from every rank's shards.
+
+    DCP's load fills preallocated tensors of the global shapes recorded in `.metadata`; with no
+    process group initialised it runs in this process alone (torch 2.7 `dcp.load` no_dist mode).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(path))
+    metadata = reader.read_metadata()
+    state = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith(DCP_MODEL_PREFIX) and isinstance(meta, TensorStorageMetadata)
+    }
+    if not state:
+        raise ValueError(f"{path}: sharded checkpoint holds no '{DCP_MODEL_PREFIX}*' tensors; not a ComposerMambaLM")
+    dcp.load(state, storage_reader=reader)
+    return {k[len(DCP_MODEL_PREFIX):]: v for k, v in state.items()}
+
+
+def find_run_config(checkpoint: str | Path) -> Path:
+    """The run's config.yaml: in the checkpoint's folder, or the folder above it."""
+    checkpoint = Path(checkpoint)
+    folders = [checkpoint] if checkpoint.is_dir() and not is_sharded(checkpoint) else []
+    folders += [checkpoint.parent, checkpoint.parent.parent]
+    resolved = resolve_checkpoint(checkpoint)
+    folders += [resolved.parent, resolved.parent.parent]
+    for folder in folders:
+        if (folder / CONFIG_NAME).is_file():
+            return folder / CONFIG_NAME
+    raise FileNotFoundError(
+        f"no {CONFIG_NAME} next to checkpoint {checkpoint} (looked in {', '.join(str(f) for f in dict.fromkeys(folders))}); "
+        f"pass the run's config with --config")
+
+
+def load_model_from_checkpoint(checkpoint: str | Path, config: str | Path | None = None) -> tuple[MambaLMHeadModel, TrainConfig]:
+    """Build the model the run trained (architecture from its config.yaml) and load its weights."""
+    cfg = load_config(config if config is not None else find_run_config(checkpoint))
+    cfg.model.init_from = None  # the checkpoint's own weights replace any initial import
+    model = build_model(cfg.model, device="cpu")
+    state = load_model_state(checkpoint)
+    if model.config.tie_embeddings:
+        state.setdefault("lm_head.weight", state.get("backbone.embedding.weight"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {checkpoint} does not match the config's model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}; pass the run's own config with --config")
+    model.tie_weights()
+    return model.eval(), cfg
+
+
+def run_tokenizer(cfg: TrainConfig) -> str | None:
+    """The tokenizer.json the run's training data was packed with (the first source's own copy,
+    else index.json's tokenizer.path); None for the built-in byte tokenizer."""
+    source = Path(cfg.data.sources[0]["path"])
+    index = source / "index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"training data {source} has no index.json; pass --tokenizer")
+    tok = json.loads(index.read_text())["tokenizer"]
+    if tok["kind"] == "byte":
+        return None
+    for candidate in (source / "tokenizer.json", Path(tok.get("path", ""))):
+        if candidate.is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"tokenizer of {index} ({tok.get('path') or tok['name']}) not found; pass --tokenizer")

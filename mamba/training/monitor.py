@@ -1,0 +1,99 @@
+"""What a device can do and what it uses: peak FLOP/s for MFU, and peak memory.
+
+MFU = achieved model FLOP/s per device (the model's flops_per_batch, forward + backward, summed
+over ranks by Composer's SpeedMonitor) / the device's peak dense FLOP/s at the run's precision.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from typing import Optional
+
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+
+log = logging.getLogger(__name__)
+
+# Peak dense (no 2:4 sparsity) tensor-core FLOP/s per GPU, as (bf16, tf32). NVIDIA datasheets
+# print the sparse figure with a footnote; the dense one is half of it:
+#   H100 SXM / H100 NVL / H100 PCIe: "NVIDIA H100 Tensor Core GPU" datasheet: BF16 1,979 / 1,671 /
+#     1,513 TFLOPS sparse; TF32 989 / 835 / 756 sparse.
+#   H200 SXM / H200 NVL: "NVIDIA H200 Tensor Core GPU" datasheet: BF16 1,979 / 1,671 sparse;
+#     TF32 989 / 835 sparse.
+#   A100 (SXM and PCIe): "NVIDIA A100 Tensor Core GPU" datasheet: BF16 312 dense, TF32 156 dense.
+#   L40S: datasheet BF16 733 sparse (362 dense), TF32 366 sparse. L4: BF16 242 sparse, TF32 120 sparse.
+#   A10: datasheet BF16 125 dense, TF32 62.5 dense.
+# Order matters: the first entry whose every word occurs in torch.cuda.get_device_name() wins,
+# so the specific variants (NVL, PCIe) come before the plain name (the SXM part).
+GPU_PEAK_FLOPS: list[tuple[tuple[str, ...], float, float]] = [
+    (("H100", "NVL"), 835e12, 417.5e12),
+    (("H100", "PCIe"), 756e12, 378e12),
+    (("H100",), 989e12, 494.5e12),
+    (("H200", "NVL"), 835e12, 417.5e12),
+    (("H200",), 989e12, 494.5e12),
+    (("A100",), 312e12, 156e12),
+    (("L40S",), 362e12, 183e12),
+    (("L4",), 121e12, 60e12),
+    (("A10",), 125e12, 62.5e12),
+]
+
+
+def gpu_peak_flops(device_name: str, precision: str) -> Optional[float]:
+    """Peak dense FLOP/s of a GPU named like torch.cuda.get_device_name(); None if not in the table.
+
+    precision "amp_bf16" uses the bf16 column; "fp32" the TF32 one (torch uses TF32 matmuls when
+    allowed, and MFU against the fp32 CUDA-core peak would flatter the run).
+    """
+    words = device_name.replace("-", " ").split()
+    for keys, bf16, tf32 in GPU_PEAK_FLOPS:
+        if all(k in words for k in keys):
+            return bf16 if precision == "amp_bf16" else tf32
+    return None
+
+
+def measure_cpu_matmul_flops(n: int = 512, seconds: float = 0.5) -> float:
+    """FLOP/s of float32 (n, n) @ (n, n) matmuls on this process's torch threads.
+
+    A measured ceiling, not a datasheet figure: on CPU there is no table to trust (core counts,
+    AVX-512 and clocks vary), so MFU is reported against what this rank's threads can reach.
+    """
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm up the BLAS thread pool
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - start)  # one multiply-add = 2 FLOPs
+
+
+def peak_flops_per_device(configured: Optional[float], device: str, precision: str) -> Optional[float]:
+    """The MFU denominator: the configured value, else the GPU table, else a CPU measurement."""
+    if configured is not None:
+        return float(configured)
+    if device == "gpu":
+        name = torch.cuda.get_device_name()
+        peak = gpu_peak_flops(name, precision)
+        if peak is None:
+            log.warning("no peak FLOP/s known for GPU %r: MFU is not logged; set "
+                        "logging.peak_flops_per_device to the datasheet's dense figure", name)
+        return peak
+    peak = measure_cpu_matmul_flops()
+    log.info("MFU on CPU is relative to a measured float32 matmul peak of %.3g FLOP/s per rank "
+             "(set logging.peak_flops_per_device to override)", peak)
+    return peak
+
+
+class MemoryMonitor(Callback):
+    """Logs this rank's peak memory after every batch, in GiB.
+
+    GPU: torch.cuda.max_memory_allocated (tensors only, not the caching allocator's reserve).
+    CPU: the process's peak resident set size (ru_maxrss, in KiB on Linux).
+    """
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if torch.cuda.is_available() and state.device.name == "gpu":
+            logger.log_metrics({"memory/max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30})
+        else:
+            logger.log_metrics({"memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})

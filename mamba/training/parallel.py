@@ -1,0 +1,150 @@
+"""How the model is spread over ranks: device, precision, FSDP units, sharding and checkpointing.
+
+FSDP2 (torch's `fully_shard`, driven by Composer's `FSDP2Config`) is the default. Composer asks
+the ComposerModel's child (the plain `MambaLMHeadModel`) two questions per submodule:
+`fsdp_wrap_fn` (is it its own FSDP unit?) and `activation_checkpointing_fn` (is it recomputed in
+backward?); `assign_units` answers them from the config.
+
+The familiar FSDP1 sharding names map onto FSDP2 as in torch's FSDP2 design notes
+(docs "torch.distributed.fsdp.fully_shard"):
+  FULL_SHARD     1-D mesh over all ranks, reshard_after_forward=True (gather again in backward).
+  SHARD_GRAD_OP  1-D mesh, reshard_after_forward=False (keep parameters gathered until backward).
+  HYBRID_SHARD   2-D mesh (replicate, shard) = (world / shard_degree, shard_degree): parameters are
+                 sharded inside a group (one node by default) and replicated across groups; gradients
+                 are reduce-scattered in the group and all-reduced across groups.
+  NO_SHARD       2-D mesh (world, 1): every rank holds everything, gradients all-reduced (DDP-like).
+
+Gradient averaging on CPU: FSDP2 averages gradients with ReduceOp.AVG, which the gloo backend of
+torch 2.7 cannot do. Its reduce-scatter silently SUMs instead (gradients world_size times too large,
+which would silently change clipping and the update) and its all-reduce raises ("Cannot use
+ReduceOp.AVG with Gloo"). So on gloo: 1-D meshes only, and `average_gloo_gradients` divides each
+reduce-scattered gradient by the world size in FSDP2's post-reduce hook. NCCL averages natively.
+
+Mixed precision (GPU, precision amp_bf16): Composer's FSDP2 `mixed_precision="DEFAULT"` becomes
+`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)` (composer/distributed/fsdp2.py): the
+sharded parameters -- the optimizer's master weights -- stay fp32, each unit all-gathers them cast
+to bf16 for forward and backward, and gradients are reduced in fp32. Autocast (amp_bf16) also runs
+around the forward. A_log, D and the dt bias are gathered in bf16 too; the mixer casts them to
+fp32 before the exp/softplus and the scan, and their fp32 masters receive fp32 gradients.
+"""
+from __future__ import annotations
+
+import torch
+from composer.utils import dist
+from composer.utils.parallelism import FSDP2Config, FSDPConfig as ComposerFSDP1Config, ParallelismConfig
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule
+
+from mamba.config.load import ConfigError
+from mamba.config.schema import FSDPConfig
+from mamba.model.block import Block
+from mamba.model.lm import MambaLMHeadModel
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if device == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=gpu but CUDA is not available; use trainer.device=auto or cpu")
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    if precision == "auto":
+        return "amp_bf16" if device == "gpu" else "fp32"
+    if precision == "amp_bf16" and device == "cpu":
+        raise ConfigError("trainer.precision=amp_bf16 is not supported on CPU; use fp32 or auto")
+    return precision
+
+
+def assign_units(model: MambaLMHeadModel, cfg: FSDPConfig) -> None:
+    """Each block its own FSDP unit; embedding and head their own unless tied.
+
+    A tied embedding/head is one Parameter used by two modules; FSDP cannot shard it in two units
+    (Composer refuses: fsdp2.py "Detected tied parameters"), so it stays in the root unit (the
+    whole `MambaLMHeadModel`, with norm_f), gathered for the embedding lookup and again for the head.
+    Activation checkpointing wraps blocks 0, k, 2k, ... (k = activation_checkpointing_every).
+    """
+    blocks = list(model.backbone.layers)
+    assert all(isinstance(b, Block) for b in blocks)
+    units: set[torch.nn.Module] = set(blocks)
+    if not model.config.tie_embeddings:
+        units |= {model.backbone.embedding, model.lm_head}
+    checkpointed = set(blocks[:: cfg.activation_checkpointing_every]) if cfg.activation_checkpointing else set()
+    model.fsdp_wrap_fn = lambda module: module in units
+    model.activation_checkpointing_fn = lambda module: module in checkpointed
+
+
+def checkpointed_blocks(model: MambaLMHeadModel) -> list[int]:
+    """Indices of the blocks that `activation_checkpointing_fn` selects (for logs and tests)."""
+    return [i for i, b in enumerate(model.backbone.layers) if model.activation_checkpointing_fn(b)]
+
+
+def mesh_shape(cfg: FSDPConfig, world_size: int, local_world_size: int) -> tuple[int, int] | None:
+    """(replicate, shard) for the strategies that need a 2-D mesh; None for a 1-D mesh over all ranks."""
+    if cfg.sharding_strategy == "NO_SHARD":
+        return (world_size, 1)
+    if cfg.sharding_strategy == "HYBRID_SHARD":
+        shard = local_world_size if cfg.shard_degree == -1 else cfg.shard_degree
+        if world_size % shard:
+            raise ConfigError(f"fsdp.shard_degree={shard} must divide the {world_size} ranks for HYBRID_SHARD")
+        return (world_size // shard, shard)
+    return None
+
+
+def average_gloo_gradients(model: torch.nn.Module) -> None:
+    """On the gloo backend make FSDP2's summed reduce-scatter a mean (module doc); else nothing."""
+    if not dist.is_initialized() or torch.distributed.get_backend() != "gloo":
+        return
+    world_size = dist.get_world_size()
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # Runs on each unit's reduce-scatter output (its gradient shard, summed over ranks).
+            module.set_all_reduce_hook(lambda grad_shard: grad_shard.div_(world_size))
+
+
+def build_parallelism(cfg: FSDPConfig, device: str, world_size: int) -> ParallelismConfig | None:
+    """Composer's parallelism config for `world_size` ranks; None on a single rank (nothing to shard)."""
+    if world_size == 1:
+        return None
+    if cfg.version == 1:
+        if device != "gpu":
+            raise ConfigError("fsdp.version=1 (FSDP1) runs on GPUs only (Composer refuses it on CPU); "
+                              "use fsdp.version=2 on CPU")
+        return ParallelismConfig(fsdp=_fsdp1(cfg, world_size))
+    shape = mesh_shape(cfg, world_size, dist.get_local_world_size())
+    if shape is not None and shape[0] == 1:
+        shape = None  # one replica: the 2-D mesh is the 1-D FULL_SHARD mesh
+    if shape is not None and device == "cpu":
+        raise ConfigError(f"fsdp.sharding_strategy={cfg.sharding_strategy} with {shape[0]} replicas needs GPUs "
+                          "(NCCL): the CPU backend gloo cannot average gradients across replicas in torch 2.7; "
+                          "use FULL_SHARD or SHARD_GRAD_OP on CPU")
+    mesh = None
+    if shape is not None:
+        mesh = init_device_mesh("cuda" if device == "gpu" else "cpu", shape,
+                                mesh_dim_names=("dp_replicate", "dp_shard"))
+    return ParallelismConfig(
+        fsdp2=FSDP2Config(
+            device_mesh=mesh,
+            reshard_after_forward=cfg.sharding_strategy in ("FULL_SHARD", "HYBRID_SHARD"),
+            activation_checkpointing=cfg.activation_checkpointing,
+            state_dict_type=cfg.state_dict_type,
+            mixed_precision="DEFAULT",
+        )
+    )
+
+
+def _fsdp1(cfg: FSDPConfig, world_size: int) -> ComposerFSDP1Config:
+    """FSDP1 takes the strategy names directly; HYBRID's group size is its shard degree."""
+    hybrid = cfg.sharding_strategy == "HYBRID_SHARD"
+    shard = dist.get_local_world_size() if cfg.shard_degree == -1 else cfg.shard_degree
+    return ComposerFSDP1Config(
+        sharding_strategy=cfg.sharding_strategy,
+        activation_checkpointing=cfg.activation_checkpointing,
+        activation_checkpointing_reentrant=False,
+        mixed_precision="DEFAULT",
+        state_dict_type=cfg.state_dict_type,
+        use_orig_params=True,
+        **({"data_parallel_shard_degree": shard, "data_parallel_replicate_degree": world_size // shard}
+           if hybrid else {}),
+    )

@@ -1,0 +1,151 @@
+"""tools/export_hf.py (and tools/generate.py) on real Composer checkpoints from tiny in-process,
+1-rank training runs: a full checkpoint via mamba.training.train, a DCP-sharded one via FSDP2.
+
+The exported directory must load in HF transformers (model and tokenizer) and give the trained
+model's logits (float32, |diff| <= 1e-5 * (1 + max|logits|)), or exactly its weights.
+"""
+import importlib.util
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from composer import Trainer
+from composer.utils import dist
+from composer.utils.parallelism import FSDP2Config, ParallelismConfig
+from omegaconf import OmegaConf
+from transformers import AutoTokenizer, MambaForCausalLM
+
+from mamba.config.load import load_config, to_dict
+from mamba.data.loader import build_train_dataloader
+from mamba.data.tokenizer import load_tokenizer
+from mamba.model.composer_model import ComposerMambaLM
+from mamba.model.factory import build_model
+from mamba.model.generation import generate
+from mamba.training.checkpoint_io import load_model_from_checkpoint, resolve_checkpoint
+from mamba.training.trainer import train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_tool(name: str):
+    """tools/NAME.py as a module, to call its main(argv) in this process (tools/ is no package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+export_tool = load_tool("export_hf")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Pack 12 stdlib modules with a fresh BPE, train 2 batches on CPU, save a full checkpoint."""
+    work = tmp_path_factory.mktemp("export")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    sources = [str(p) for p in sorted(stdlib.glob("*.py"))[:12]]
+    proc = subprocess.run([sys.executable, "tools/pack.py", "--tokenizer", "bpe:300", "--out", str(work / "packed"),
+                           *sources], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    save_folder = work / "ckpt"
+    cfg = load_config(None, [
+        "run_name=export", f"data.sources=[{{path: '{work / 'packed'}'}}]", "data.seq_len=32",
+        "data.num_workers=0", "model.d_model=32", "model.n_layer=2", "model.vocab_size=300",
+        "model.tie_embeddings=false", "trainer.global_batch_size=2", "trainer.micro_batch_size=2",
+        "trainer.max_duration=2ba", "trainer.save_interval=2ba", "trainer.device=cpu",
+        "logging.progress_bar=false", f"trainer.save_folder={save_folder}", "fsdp.state_dict_type=full",
+        "scheduler.t_warmup=1ba", "logging.metrics_file=null",
+    ])
+    trainer = train(cfg)
+    model = trainer.state.model.model.eval()
+    trainer.close()
+    if not (save_folder / "config.yaml").exists():  # what the trainer writes at start, if it does not yet
+        OmegaConf.save(OmegaConf.create(to_dict(cfg)), save_folder / "config.yaml")
+    return work, save_folder, model
+
+
+def test_export_from_save_folder_loads_in_transformers(trained):
+    work, save_folder, model = trained
+    out = work / "hf"
+    assert export_tool.main([str(save_folder), str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+
+    hf = MambaForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    text = "def main():\n    return 0\n"
+    ids = torch.tensor([tok(text)["input_ids"]])
+    assert tok.decode(ids[0]) == text and tok.eos_token == "<|endoftext|>"
+    with torch.no_grad():
+        ours, ref = model(ids), hf(ids).logits
+    assert (ours - ref).abs().max().item() <= 1e-5 * (1 + ref.abs().max().item())
+
+
+def test_checkpoint_resolution_and_weights_roundtrip(trained):
+    _, save_folder, model = trained
+    resolved = resolve_checkpoint(save_folder)
+    assert resolved.name == "ep0-ba2-rank0.pt"
+    loaded, cfg = load_model_from_checkpoint(resolved)
+    assert cfg.model.d_model == 32
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+
+
+def test_sharded_fsdp2_checkpoint_exports(trained):
+    """A DCP-sharded checkpoint (FSDP2, Composer's "sharded" state dict) on one in-process rank,
+    read back by the export tool in a fresh process without a process group."""
+    work, save_folder, _ = trained
+    cfg = load_config(save_folder / "config.yaml")
+    dist.initialize_dist("cpu")
+    composer_model = ComposerMambaLM(build_model(cfg.model))
+    sharded = work / "sharded"
+    trainer = Trainer(
+        model=composer_model, train_dataloader=build_train_dataloader(cfg.data, 2, cfg.model.vocab_size, 0),
+        optimizers=torch.optim.AdamW(composer_model.parameters(), lr=1e-3), max_duration="1ba", device="cpu",
+        parallelism_config=ParallelismConfig(fsdp2=FSDP2Config(state_dict_type="sharded")),
+        save_folder=str(sharded), save_interval="1ba", progress_bar=False)
+    trainer.fit()
+    full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+            for k, v in composer_model.model.state_dict().items()}
+    trainer.close()
+    assert (sharded / "ep0-ba1" / ".metadata").is_file()
+    (sharded / "config.yaml").write_bytes((save_folder / "config.yaml").read_bytes())
+
+    out = work / "hf-sharded"
+    proc = subprocess.run([sys.executable, "tools/export_hf.py", str(sharded / "ep0-ba1"), str(out),
+                           "--tokenizer", str(work / "packed" / "tokenizer.json")],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hf = MambaForCausalLM.from_pretrained(out)
+    for key, value in hf.state_dict().items():
+        ours = full["backbone.embedding.weight" if key == "backbone.embeddings.weight" else key]
+        assert torch.equal(value, ours), key
+
+
+def test_missing_config_is_a_clear_error(tmp_path, trained, capsys):
+    _, save_folder, _ = trained
+    lone = tmp_path / "lone" / "x.pt"
+    lone.parent.mkdir()
+    lone.symlink_to(resolve_checkpoint(save_folder))
+    with pytest.raises(SystemExit) as exit_info:
+        export_tool.main([str(lone), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "no config.yaml next to checkpoint" in err
+    assert "--config" in err and not (tmp_path / "out").exists()
+
+
+def test_generate_tool_greedy_from_checkpoint(trained, capsys):
+    """tools/generate.py on the save_folder: greedy text = the trained model's own greedy tokens."""
+    work, save_folder, model = trained
+    tool = load_tool("generate")
+    prompt = "import os\n"
+    assert tool.main([str(save_folder), "--prompt", prompt, "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out
+
+    tok = load_tokenizer(str(work / "packed" / "tokenizer.json"))
+    ids = tok.encode_batch([prompt])[0]
+    out = generate(model, torch.tensor([ids]), 8, eos_token_id=tok.eos_id)
+    assert printed == prompt + tok.decode(out[0, len(ids):].tolist()) + "\n"

@@ -1,17 +1,20 @@
-"""Write a validated training config from a few high-level choices.
+"""Write a validated training config from the hardware, the token budget and the data.
 
     python create_mamba_config.py --preset tiny --data runs/quickstart/packed --out tiny.yaml
-    python create_mamba_config.py --preset 1.6b --data /lustre/packed --out big.yaml trainer.max_duration=50000ba
+    python create_mamba_config.py --preset 1.4b --nodes 4 --gpu H100-80GB --tokens 30e9 \\
+        --data /lustre/web:3 --data /lustre/code:1 --scheduler wsd --out big.yaml
 
-The output starts from config.yaml's defaults (the schema), takes the preset's model shape, points
-data.train at --data, takes the vocabulary size from the data's manifest when the preset has none
-(and refuses data whose vocabulary the preset's model cannot embed), applies any `key=value`
-overrides, and is loaded back through the strict schema before it is renamed into place.
+From the preset (or --d-model/--n-layer/--ssm-layer), the hardware (--nodes, --gpus-per-node,
+--gpu or --gpu-memory; --gpus-per-node 0 means CPU ranks) and the budget (--tokens or
+--tokens-per-param), mamba/config/planner.py derives the micro batch from its memory model,
+gradient accumulation, max duration, warmup, checkpoint interval and activation checkpointing,
+and prints a summary. The vocabulary comes from the data's manifests when the preset has none.
+`key=value` overrides are applied last; the result is loaded back through the strict schema
+(mamba/config/load.py) and renamed into place only when valid. Impossible plans exit with why.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -21,33 +24,125 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from a che
 
 from omegaconf import OmegaConf  # noqa: E402
 
+from mamba.config import planner  # noqa: E402
 from mamba.config.load import ConfigError, load_config, to_dict  # noqa: E402
-from mamba.config.presets import MODEL_PRESETS, TINY_RECIPE  # noqa: E402
+from mamba.config.presets import (BATCH_TOKENS, MODEL_PRESETS, SEQ_LEN, TINY_RECIPE,  # noqa: E402
+                                  TINY_TOKENS, TOKENS_PER_PARAM)
+from mamba.data.manifest import read_index  # noqa: E402
+from mamba.model.factory import mamba_config  # noqa: E402
+from mamba.model.flops import flops_per_token  # noqa: E402
 
 
-def manifest_vocab_size(data_dir: str) -> int:
-    index = Path(data_dir) / "index.json"
-    if not index.is_file():
-        raise ConfigError(f"{index} not found: --data must be a directory written by tools/pack.py")
-    return int(json.loads(index.read_text())["tokenizer"]["vocab_size"])
+def parse_source(spec: str) -> dict:
+    """DIR or DIR:WEIGHT -> {path, weight}."""
+    path, sep, weight = spec.rpartition(":")
+    if not sep or not path:
+        return {"path": spec, "weight": 1.0}
+    try:
+        return {"path": path, "weight": float(weight)}
+    except ValueError:
+        raise ConfigError(f"--data {spec!r}: the part after the last ':' must be a weight, e.g. {path}:2") from None
 
 
-def build(args: argparse.Namespace) -> dict:
-    preset = dict(MODEL_PRESETS[args.preset])
-    data_vocab = manifest_vocab_size(args.data)
-    if preset["vocab_size"] is None:
-        preset["vocab_size"] = data_vocab
-    elif data_vocab > preset["vocab_size"]:
+def read_manifests(sources: list[dict], flag: str) -> tuple[int, int]:
+    """(largest vocabulary, total tokens) over the sources' index.json manifests."""
+    vocab, tokens = 0, 0
+    for s in sources:
+        try:
+            index = read_index(s["path"])
+        except FileNotFoundError as e:
+            raise ConfigError(f"{flag} {s['path']}: {e}") from None
+        vocab = max(vocab, int(index["tokenizer"]["vocab_size"]))
+        tokens += int(index["total_tokens"])
+    return vocab, tokens
+
+
+def model_section(args: argparse.Namespace, data_vocab: int) -> dict:
+    shape = dict(MODEL_PRESETS[args.preset]) if args.preset else {"vocab_size": None}
+    for key in ("d_model", "n_layer", "ssm_layer"):
+        if getattr(args, key) is not None:
+            shape[key] = getattr(args, key)
+    if "d_model" not in shape or "n_layer" not in shape:
+        raise ConfigError("give --preset, or both --d-model and --n-layer")
+    if shape["vocab_size"] is None:
+        shape["vocab_size"] = data_vocab
+    elif data_vocab > shape["vocab_size"]:
         raise ConfigError(
-            f"the data in {args.data} uses a {data_vocab}-token vocabulary but preset "
-            f"{args.preset} embeds only {preset['vocab_size']}; pack with the preset's tokenizer "
-            f"or override model.vocab_size={data_vocab}"
-        )
+            f"the data uses a {data_vocab}-token vocabulary but the model embeds only {shape['vocab_size']}; "
+            f"pack with the preset's tokenizer or override model.vocab_size={data_vocab}")
+    return shape
+
+
+def flops_of(cfg) -> int:
+    """Training FLOPs per token of the model this config builds (mamba/model/flops.py)."""
+    return flops_per_token(mamba_config(cfg.model), cfg.data.seq_len)
+
+
+def build(args: argparse.Namespace) -> tuple[dict, str]:
+    """The recipe (plain data for the schema) and the printed summary."""
+    sources = [parse_source(s) for s in args.data]
+    evals = [parse_source(s) for s in args.eval_data]
+    data_vocab, data_tokens = read_manifests(sources, "--data")
+    read_manifests(evals, "--eval-data")
+    name = args.preset or "custom"
+    seq_len = args.seq_len or SEQ_LEN.get(name, 2048)
+    cpu = args.gpus_per_node == 0
+    ranks = args.nodes * (args.procs_per_node if cpu else args.gpus_per_node)
+    gpu_gb, peak = None, args.peak_tflops
+    if not cpu:
+        if args.gpu:
+            gpu_gb, peak = planner.GPUS[args.gpu][0], peak or planner.GPUS[args.gpu][1]
+        gpu_gb = args.gpu_memory or gpu_gb
+        if gpu_gb is None:
+            raise ConfigError("GPU nodes need --gpu NAME or --gpu-memory GB (or --gpus-per-node 0 for CPU ranks)")
+
     recipe = OmegaConf.merge(
-        TINY_RECIPE if args.preset == "tiny" else {},
-        {"run_name": args.run_name or f"mamba-{args.preset}", "model": preset, "data": {"train": args.data}},
+        OmegaConf.create(to_dict(load_config(None))),  # schema defaults, so sections exist
+        TINY_RECIPE if name == "tiny" else {},
+        {"run_name": args.run_name or f"mamba-{name}",
+         "model": model_section(args, data_vocab),
+         "data": {"sources": sources, "eval_sources": evals, "seq_len": seq_len}},
     )
-    return OmegaConf.to_container(recipe)
+    cfg = load_config_from(recipe)
+    m = cfg.model
+    params = planner.parameters(m)
+    if args.tokens:
+        tokens = int(args.tokens)
+    elif args.tokens_per_param or name != "tiny":
+        tokens = int((args.tokens_per_param or TOKENS_PER_PARAM) * params)
+    else:
+        tokens = TINY_TOKENS
+    try:
+        pl = planner.plan(m, ranks=ranks, seq_len=seq_len,
+                          global_batch_tokens=int(args.global_batch_tokens or BATCH_TOKENS.get(name, 2**20)),
+                          tokens=tokens, gpu_gb=gpu_gb, peak_tflops=peak, mfu=args.mfu,
+                          flops_per_token=flops_of(cfg))
+    except planner.PlanError as e:
+        raise ConfigError(f"{name} on {ranks} x {args.gpu or f'{gpu_gb:g} GB GPU'}: {e}") from None
+
+    sched = {"name": args.scheduler, "t_warmup": f"{pl.warmup}ba", "t_max": "1dur"}
+    if args.scheduler == "wsd":
+        sched["t_decay"] = f"{max(1, round(0.2 * pl.steps))}ba"  # the last 20% (Hägele et al. 2024)
+    recipe = OmegaConf.merge(recipe, {
+        "scheduler": sched,
+        # CPU plans have no memory limit to derive it from: keep the schema's default there.
+        "fsdp": {} if cpu else {"activation_checkpointing": pl.checkpointing},
+        "trainer": {"global_batch_size": pl.global_batch, "micro_batch_size": pl.micro_batch,
+                    "max_duration": f"{pl.steps}ba", "save_interval": f"{pl.save_every}ba",
+                    "eval_interval": f"{pl.save_every}ba",  # used only with --eval-data
+                    "device": "cpu" if cpu else "gpu", "precision": "fp32" if cpu else "amp_bf16"},
+        "logging": {"peak_flops_per_device": peak * 1e12 if peak else None},
+    })
+    text = planner.summary(pl, m, seq_len, data_tokens, "CPU rank" if cpu else (args.gpu or f"{gpu_gb:g} GB GPU"), args.mfu)
+    return OmegaConf.to_container(recipe), text
+
+
+def load_config_from(recipe) -> object:
+    """Validate an in-memory recipe with the same strict loader as a file."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(OmegaConf.to_yaml(recipe))
+        f.flush()
+        return load_config(f.name)
 
 
 def write(recipe: dict, overrides: list[str], out: Path, header: str) -> None:
@@ -67,19 +162,44 @@ def write(recipe: dict, overrides: list[str], out: Path, header: str) -> None:
         raise
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(MODEL_PRESETS), help="model shape (or --d-model/--n-layer)")
+    p.add_argument("--d-model", type=int)
+    p.add_argument("--n-layer", type=int)
+    p.add_argument("--ssm-layer", help="mamba1 or mamba2 (default: the schema's)")
+    p.add_argument("--data", action="append", required=True, metavar="DIR[:WEIGHT]",
+                   help="packed training data (tools/pack.py --out); repeat to mix, weight default 1")
+    p.add_argument("--eval-data", action="append", default=[], metavar="DIR[:WEIGHT]")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, help="default 8; 0 = CPU ranks (default for tiny)")
+    p.add_argument("--procs-per-node", type=int, default=2, help="CPU ranks per node (--gpus-per-node 0)")
+    p.add_argument("--gpu", choices=sorted(planner.GPUS), help="sets memory and bf16 peak")
+    p.add_argument("--gpu-memory", type=float, metavar="GB", help="GPU memory (overrides --gpu's)")
+    p.add_argument("--peak-tflops", type=float, help="bf16 peak per GPU for the wall-time estimate")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--global-batch-tokens", type=float, help="tokens per optimizer step")
+    p.add_argument("--tokens", type=float, help="token budget, e.g. 30e9")
+    p.add_argument("--tokens-per-param", type=float, help=f"budget as a multiple of the parameters (default {TOKENS_PER_PARAM:g})")
+    p.add_argument("--scheduler", default="cosine", choices=["cosine", "linear", "constant", "wsd"])
+    p.add_argument("--out", required=True, type=Path, help="YAML file to write")
+    p.add_argument("--run-name", help="default: mamba-<preset>")
+    p.add_argument("overrides", nargs="*", help="section.key=value, applied last")
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", required=True, choices=sorted(MODEL_PRESETS))
-    parser.add_argument("--data", required=True, help="packed data directory (tools/pack.py --out)")
-    parser.add_argument("--out", required=True, type=Path, help="YAML file to write")
-    parser.add_argument("--run-name", help="default: mamba-<preset>")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, applied last")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
+    if args.gpus_per_node is None:
+        args.gpus_per_node = 0 if args.preset == "tiny" and not (args.gpu or args.gpu_memory) else 8
     try:
         header = "written by: python create_mamba_config.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        write(build(args), args.overrides, args.out, header)
+        recipe, text = build(args)
+        write(recipe, args.overrides, args.out, header)
     except ConfigError as err:
         sys.exit(f"create_mamba_config.py: {err}")
+    print(text)
     print(f"wrote {args.out}")
 
 

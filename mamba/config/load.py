@@ -17,12 +17,17 @@ from omegaconf import OmegaConf
 
 from mamba import layout
 from mamba.config.schema import TrainConfig
+from mamba.data.mixture import integer_weights
 
 # Composer time strings we accept; "1dur" only where a fraction of max_duration makes sense.
 _DURATION = re.compile(r"^\d+(\.\d+)?(e\d+)?(ba|tok|ep|sp|dur)$")
 
-SSM_LAYERS = ("mamba1",)
-SCHEDULERS = ("cosine", "linear", "constant")
+SSM_LAYERS = ("mamba1", "mamba2")
+KERNEL_MODES = ("auto", "torch", "cuda")
+SCHEDULERS = ("cosine", "linear", "constant", "wsd")
+DECAY_SHAPES = ("linear", "1-sqrt")
+SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
+FSDP_VERSIONS = (1, 2)
 PRECISIONS = ("auto", "fp32", "amp_bf16")
 DEVICES = ("auto", "cpu", "gpu")
 STATE_DICT_TYPES = ("sharded", "full")
@@ -105,8 +110,21 @@ def validate(cfg: TrainConfig) -> None:
     """Cross-field rules that a type check cannot express."""
     m, d, o, s, t = cfg.model, cfg.data, cfg.optimizer, cfg.scheduler, cfg.trainer
     _require(m.ssm_layer in SSM_LAYERS, f"model.ssm_layer={m.ssm_layer!r}: choose one of {SSM_LAYERS}")
-    for key in ("d_model", "n_layer", "d_state", "d_conv", "expand", "pad_vocab_size_multiple"):
+    for key in ("d_model", "n_layer", "d_state", "d_conv", "expand", "pad_vocab_size_multiple",
+                "headdim", "ngroups", "chunk_size"):
         _require(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+    _require(m.kernels in KERNEL_MODES, f"model.kernels={m.kernels!r}: choose one of {KERNEL_MODES}")
+    _require(0 < m.dt_min <= m.dt_max, f"model.dt_min={m.dt_min}, model.dt_max={m.dt_max}: need 0 < dt_min <= dt_max")
+    _require(
+        len(m.A_init_range) == 2 and 0 < m.A_init_range[0] <= m.A_init_range[1],
+        f"model.A_init_range={m.A_init_range}: give [low, high] with 0 < low <= high",
+    )
+    if m.ssm_layer == "mamba2":
+        d_inner = m.expand * m.d_model
+        _require(d_inner % m.headdim == 0,
+                 f"model.headdim={m.headdim} must divide expand * d_model = {d_inner} (ssm_layer mamba2)")
+        _require((d_inner // max(m.headdim, 1)) % m.ngroups == 0,
+                 f"model.ngroups={m.ngroups} must divide the number of heads {d_inner // max(m.headdim, 1)}")
     _require(
         0 < m.vocab_size <= layout.MAX_VOCAB_SIZE,
         f"model.vocab_size={m.vocab_size} must be in 1..{layout.MAX_VOCAB_SIZE}: the shard layout "
@@ -118,6 +136,18 @@ def validate(cfg: TrainConfig) -> None:
         f"in-document positions the shard layout records exactly",
     )
     _require(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    _check_sources(d.sources, "data.sources", allow_empty=False)
+    _check_sources(d.eval_sources, "data.eval_sources", allow_empty=True)
+    for key in ("fim_rate", "fim_spm_rate"):
+        _require(0 <= getattr(d, key) <= 1, f"data.{key}={getattr(d, key)} must be a probability in [0, 1]")
+    for key, value in (("trainer.max_duration", t.max_duration), ("scheduler.t_warmup", s.t_warmup),
+                       ("scheduler.t_max", s.t_max), ("trainer.save_interval", t.save_interval),
+                       ("logging.log_interval", cfg.logging.log_interval)):
+        _require(
+            not value.endswith("ep"),
+            f"{key}={value!r}: the training data has no epochs (each source restarts when it runs out, "
+            f"at its own pace), so give it in batches, tokens or samples, e.g. '1000ba' or '2e9tok'",
+        )
     _require(o.lr > 0, f"optimizer.lr must be positive, got {o.lr}")
     _require(
         len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
@@ -129,16 +159,24 @@ def validate(cfg: TrainConfig) -> None:
     _require(0 <= s.alpha_f <= 1, f"scheduler.alpha_f={s.alpha_f} must be in [0, 1]")
     for key, value in (("scheduler.t_warmup", s.t_warmup), ("scheduler.t_max", s.t_max),
                        ("trainer.max_duration", t.max_duration), ("trainer.save_interval", t.save_interval),
-                       ("trainer.log_interval", t.log_interval)):
+                       ("logging.log_interval", cfg.logging.log_interval)):
         _require(
             bool(_DURATION.match(value)),
             f"{key}={value!r} is not a duration: write e.g. '1000ba', '2e9tok', '1ep' or '1dur'",
         )
     _require(t.precision in PRECISIONS, f"trainer.precision={t.precision!r}: choose one of {PRECISIONS}")
     _require(t.device in DEVICES, f"trainer.device={t.device!r}: choose one of {DEVICES}")
+    _require(t.on_nonfinite_loss in ("stop", "skip"),
+             f"trainer.on_nonfinite_loss={t.on_nonfinite_loss!r}: choose 'stop' or 'skip'")
     _require(
         cfg.fsdp.state_dict_type in STATE_DICT_TYPES,
         f"fsdp.state_dict_type={cfg.fsdp.state_dict_type!r}: choose one of {STATE_DICT_TYPES}",
+    )
+    _validate_fsdp(cfg)
+    _validate_schedule(cfg)
+    _require(
+        all(isinstance(n, str) and n for n in o.no_decay),
+        f"optimizer.no_decay={o.no_decay!r} must be a list of parameter-name parts, e.g. [A_log, D, bias]",
     )
     _require(t.micro_batch_size > 0, f"trainer.micro_batch_size must be positive, got {t.micro_batch_size}")
     _require(
@@ -146,6 +184,90 @@ def validate(cfg: TrainConfig) -> None:
         f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
         f"trainer.micro_batch_size={t.micro_batch_size}; change one of them",
     )
+
+
+def _validate_fsdp(cfg: TrainConfig) -> None:
+    f = cfg.fsdp
+    _require(f.version in FSDP_VERSIONS, f"fsdp.version={f.version}: choose 2 (FSDP2, default) or 1 (FSDP1, GPU only)")
+    _require(
+        f.sharding_strategy in SHARDING_STRATEGIES,
+        f"fsdp.sharding_strategy={f.sharding_strategy!r}: choose one of {SHARDING_STRATEGIES}",
+    )
+    _require(f.shard_degree == -1 or f.shard_degree > 0,
+             f"fsdp.shard_degree={f.shard_degree} must be -1 (ranks of one node) or a positive rank count")
+    _require(f.shard_degree == -1 or f.sharding_strategy == "HYBRID_SHARD",
+             f"fsdp.shard_degree={f.shard_degree} only applies with fsdp.sharding_strategy=HYBRID_SHARD "
+             f"(got {f.sharding_strategy}); set shard_degree=-1 or use HYBRID_SHARD")
+    _require(f.activation_checkpointing_every >= 1,
+             f"fsdp.activation_checkpointing_every={f.activation_checkpointing_every} must be >= 1 "
+             f"(1 = every block); turn checkpointing off with fsdp.activation_checkpointing=false")
+
+
+def _split(duration: str) -> tuple[float, str]:
+    """'2e9tok' -> (2e9, 'tok'); only called on strings that matched _DURATION."""
+    number, unit = re.match(r"^(\d+(?:\.\d+)?(?:e\d+)?)([a-z]+)$", duration).groups()
+    return float(number), unit
+
+
+def _unit(duration: str, max_duration: str) -> str:
+    """The unit a duration counts in once "Xdur" is resolved against max_duration."""
+    unit = _split(duration)[1]
+    return _split(max_duration)[1] if unit == "dur" else unit
+
+
+def _amount(duration: str, max_duration: str) -> float:
+    value, unit = _split(duration)
+    return value * _split(max_duration)[0] if unit == "dur" else value
+
+
+def _validate_schedule(cfg: TrainConfig) -> None:
+    """Warmup, decay and t_max must count the same thing, and fit inside each other."""
+    s, max_d = cfg.scheduler, cfg.trainer.max_duration
+    _require(s.decay_shape in DECAY_SHAPES, f"scheduler.decay_shape={s.decay_shape!r}: choose one of {DECAY_SHAPES}")
+    _require(0 < s.decay_fraction <= 1, f"scheduler.decay_fraction={s.decay_fraction} must be in (0, 1]")
+    spans = [("scheduler.t_warmup", s.t_warmup), ("scheduler.t_max", s.t_max)]
+    if s.t_decay is not None:
+        _require(bool(_DURATION.match(s.t_decay)) and not s.t_decay.endswith("ep"),
+                 f"scheduler.t_decay={s.t_decay!r} is not a duration: write e.g. '2000ba' or '1e9tok'")
+        spans.append(("scheduler.t_decay", s.t_decay))
+    units = {key: _unit(value, max_d) for key, value in spans}
+    _require(
+        len(set(units.values())) == 1,
+        "schedule durations count different things: "
+        + ", ".join(f"{k}={v!r} ({units[k]})" for k, v in spans)
+        + f" (\"dur\" means trainer.max_duration={max_d!r}); give them all in one unit, e.g. all in 'ba' or all in 'tok'",
+    )
+    warmup, t_max = _amount(s.t_warmup, max_d), _amount(s.t_max, max_d)
+    _require(warmup < t_max, f"scheduler.t_warmup={s.t_warmup!r} must be shorter than scheduler.t_max={s.t_max!r} "
+                             f"(trainer.max_duration={max_d!r}); shorten the warmup or lengthen t_max")
+    if s.name == "wsd":
+        decay = _amount(s.t_decay, max_d) if s.t_decay is not None else s.decay_fraction * t_max
+        _require(warmup + decay <= t_max,
+                 f"scheduler.t_warmup={s.t_warmup!r} plus the decay ({s.t_decay or f'{s.decay_fraction} x t_max'}) "
+                 f"exceeds scheduler.t_max={s.t_max!r}; shorten scheduler.t_warmup or scheduler.t_decay/decay_fraction")
+
+
+def _check_sources(entries, key: str, allow_empty: bool) -> None:
+    """Each entry must be {path: non-empty str, weight: number > 0 (optional, default 1)}."""
+    _require(isinstance(entries, list), f"{key} must be a list of {{path, weight}} mappings, got {entries!r}")
+    _require(bool(entries) or allow_empty,
+             f"{key} is empty: list at least one packed directory, e.g. {key}=[{{path: ./data/packed, weight: 1}}]")
+    for i, entry in enumerate(entries):
+        _require(isinstance(entry, dict), f"{key}[{i}]={entry!r} must be a mapping {{path: DIR, weight: W}}")
+        unknown = sorted(set(entry) - {"path", "weight"})
+        _require(not unknown, f"{key}[{i}]: unknown keys {unknown}; an entry has only 'path' and 'weight'")
+        path = entry.get("path")
+        _require(isinstance(path, str) and bool(path), f"{key}[{i}].path must be a directory name, got {path!r}")
+        weight = entry.get("weight", 1.0)
+        _require(
+            isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0,
+            f"{key}[{i}].weight={weight!r} must be a number > 0 (its share relative to the other sources)",
+        )
+    if entries:
+        try:
+            integer_weights([e.get("weight", 1.0) for e in entries])
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None
 
 
 def check_world_size(cfg: TrainConfig, world_size: int) -> int:
@@ -156,5 +278,11 @@ def check_world_size(cfg: TrainConfig, world_size: int) -> int:
             f"trainer.global_batch_size={t.global_batch_size} must be a multiple of "
             f"trainer.micro_batch_size={t.micro_batch_size} x {world_size} ranks "
             f"= {t.micro_batch_size * world_size}; change global_batch_size or micro_batch_size"
+        )
+    f = cfg.fsdp
+    if f.sharding_strategy == "HYBRID_SHARD" and f.shard_degree != -1 and world_size % f.shard_degree:
+        raise ConfigError(
+            f"fsdp.shard_degree={f.shard_degree} must divide the {world_size} ranks (HYBRID_SHARD replicates "
+            f"over world_size / shard_degree groups); pick a divisor, e.g. the GPUs per node"
         )
     return t.global_batch_size // world_size

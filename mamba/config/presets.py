@@ -1,4 +1,4 @@
-"""Named model shapes and the recipes create_mamba_config.py starts from.
+"""Named model shapes and the recipe defaults create_mamba_config.py starts from.
 
 The paper sizes are Gu & Dao 2023 (Mamba), Table 12 / the state-spaces/mamba checkpoints:
 d_model x n_layer with GPT-NeoX's 50,280-token vocabulary. "1.6b" is this project's default
@@ -16,19 +16,27 @@ MODEL_PRESETS: dict[str, dict] = {
     "1.6b": {"d_model": 2688, "n_layer": 28, "vocab_size": 65024},
 }
 
-# Everything but the model shape for a tiny CPU run: 2 ranks x 4 windows of 256 tokens per step,
-# short warmup and a high learning rate so the loss visibly falls within a few hundred steps.
+# Tokens per optimizer step when --global-batch-tokens is not given. The paper sizes follow the
+# GPT-3 recipes the Mamba paper trained with (Brown et al. 2020, Table 2.1: 0.5M tokens up to
+# 760M parameters, 1M for 1.3B and 2.7B); 1.6b is config.yaml's 896 x 4096; tiny is 8 x 256.
+BATCH_TOKENS: dict[str, int] = {
+    "tiny": 8 * 256, "130m": 2**19, "370m": 2**19, "790m": 2**19, "1.4b": 2**20, "2.8b": 2**20,
+    "1.6b": 896 * 4096,
+}
+# Window length per preset (GPT-3 / Mamba paper: 2048; config.yaml: 4096; tiny: 256).
+SEQ_LEN: dict[str, int] = {
+    "tiny": 256, "130m": 2048, "370m": 2048, "790m": 2048, "1.4b": 2048, "2.8b": 2048, "1.6b": 4096,
+}
+# Token budget when neither --tokens nor --tokens-per-param is given: 20 per parameter (Hoffmann
+# et al. 2022, Chinchilla), except tiny, whose 300 steps of 2,048 tokens take minutes on a CPU.
+TINY_TOKENS = 300 * 8 * 256
+TOKENS_PER_PARAM = 20.0
+
+# Everything but the model shape and the derived sizes for a tiny CPU run: a high learning rate
+# so the loss visibly falls within a few hundred steps, no data-loader workers (2 cores).
 TINY_RECIPE: dict = {
-    "data": {"seq_len": 256, "num_workers": 0},
+    "data": {"num_workers": 0},
     "optimizer": {"lr": 3.0e-3, "weight_decay": 0.1},
-    "scheduler": {"name": "cosine", "t_warmup": "20ba", "alpha_f": 0.1},
-    "trainer": {
-        "global_batch_size": 8,
-        "micro_batch_size": 4,
-        "max_duration": "300ba",
-        "precision": "fp32",
-        "device": "cpu",
-        "save_interval": "100ba",
-        "log_interval": "10ba",
-    },
+    "scheduler": {"alpha_f": 0.1},
+    "logging": {"log_interval": "10ba"},
 }

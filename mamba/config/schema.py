@@ -21,33 +21,63 @@ class ModelConfig:
     vocab_size: int = 65024
     """Tokenizer vocabulary size; must cover every token id in the data (checked before training)."""
     ssm_layer: str = "mamba1"
-    """Mixer type. Only "mamba1" is implemented so far."""
+    """Mixer type: "mamba1" (selective scan, Gu & Dao 2023) or "mamba2" (SSD, Dao & Gu 2024)."""
     d_state: int = 16
-    """SSM state size N per channel."""
+    """SSM state size N per channel (mamba-ssm's Mamba-2 models use 128)."""
     d_conv: int = 4
     """Width of the causal depthwise convolution."""
     expand: int = 2
     """d_inner = expand * d_model."""
+    headdim: int = 64
+    """Mamba-2 only: channels per head; expand * d_model must be a multiple of it."""
+    ngroups: int = 1
+    """Mamba-2 only: groups of heads sharing B and C; must divide the number of heads."""
+    chunk_size: int = 256
+    """Mamba-2 only: chunk length of the SSD scan (speed/memory trade-off; same result)."""
+    A_init_range: list = field(default_factory=lambda: [1.0, 16.0])
+    """Mamba-2 only: [low, high], A ~ U(low, high) per head at init (A_log = log A), 0 < low <= high."""
+    dt_min: float = 0.001
+    """Smallest initial step size dt (log-uniform in [dt_min, dt_max])."""
+    dt_max: float = 0.1
+    """Largest initial step size dt."""
+    kernels: str = "auto"
+    """"auto": mamba-ssm's CUDA kernels on GPU when they import, else pure torch; "torch": always
+    torch (exact document isolation for Mamba-1 too); "cuda": the kernels or a clear error."""
     pad_vocab_size_multiple: int = 8
     """Embedding and head rows are padded up to a multiple of this (tensor-core friendly)."""
     tie_embeddings: bool = True
     """Share the input embedding matrix with the LM head."""
     document_isolation: bool = True
     """Reset conv and SSM state at document starts inside a packed window."""
+    init_from: Optional[str] = None
+    """Start from pretrained weights: a mamba-ssm checkpoint directory (config.json +
+    pytorch_model.bin, as state-spaces publishes) or a HF transformers Mamba/Mamba2 directory.
+    The architecture keys above must match it (vocab padding may differ). null: random init."""
 
 
 @dataclass
 class DataConfig:
-    """Where the packed tokens come from and how windows are cut."""
+    """Where the packed tokens come from, how they are mixed and how windows are cut."""
 
-    train: str = "./data/packed"
-    """Directory written by tools/pack.py (holds index.json and shard_*.npy)."""
+    sources: list = field(default_factory=lambda: [{"path": "./data/packed", "weight": 1.0}])
+    """Training data: a list of {path, weight}; path is a directory written by tools/pack.py,
+    weight (> 0, default 1) its share of the training tokens relative to the other sources, exact
+    over every schedule period (weights 3 and 1 give exactly 3 of every 4 windows to the first)."""
+    eval_sources: list = field(default_factory=list)
+    """Evaluation data, same form; read in order, mixed by weight, until one source runs out. Empty: no eval."""
     seq_len: int = 4096
     """Tokens per training window (the model sees seq_len inputs and seq_len targets)."""
     shuffle: bool = True
-    """Shuffle windows each epoch (seeded, identical on every rank)."""
+    """Shuffle each source's windows, with a new seeded order each time the source starts an epoch."""
     num_workers: int = 2
     """DataLoader worker processes per rank; 0 reads in the training process."""
+    fim_rate: float = 0.0
+    """Fill-in-the-middle: probability that a document (fragment) in a training window is reordered
+    prefix/suffix/middle with the tokenizer's FIM sentinels (Bavarian et al. 2022); 0 disables."""
+    fim_spm_rate: float = 0.5
+    """Of the FIM documents, the fraction in SPM order (suffix first) rather than PSM."""
+    verify: bool = False
+    """Re-hash every shard against index.json's sha256 before training (reads all the data once)."""
 
 
 @dataclass
@@ -64,31 +94,47 @@ class OptimizerConfig:
     """Decoupled weight decay, applied to matrices and embeddings only (not A_log, D, biases, norms)."""
     grad_clip_norm: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+    no_decay: list = field(default_factory=lambda: ["A_log", "D", "dt_bias", "bias", "norm", "norm_f"])
+    """Parameter-name parts exempt from weight decay (mamba-ssm's groups): a parameter is exempt when
+    a dotted part of its name equals one of these (e.g. "norm" matches layers.0.norm.weight)."""
 
 
 @dataclass
 class SchedulerConfig:
-    """Learning-rate schedule (stepped every batch)."""
+    """Learning-rate schedule (stepped every batch); see mamba/training/schedules.py."""
 
     name: str = "cosine"
-    """One of: cosine, linear, constant (each with linear warmup)."""
+    """One of: cosine, linear, constant, wsd (warmup-stable-decay); each starts with linear warmup."""
     t_warmup: str = "2000ba"
-    """Warmup length."""
+    """Warmup length; the same unit as t_max (batches, tokens or samples), or a fraction "Xdur"."""
     alpha_f: float = 0.1
-    """Final learning rate as a fraction of the peak (cosine, linear)."""
+    """Final learning rate as a fraction of the peak, reached exactly at t_max (cosine, linear, wsd)."""
     t_max: str = "1dur"
     """Length of the schedule; "1dur" means the whole max_duration. Set it explicitly to stop
     a run early and continue it later on the same schedule."""
+    decay_shape: str = "1-sqrt"
+    """wsd only: "linear" or "1-sqrt" decay from the peak to alpha_f."""
+    decay_fraction: float = 0.2
+    """wsd only: decay length as a fraction of t_max (used when t_decay is null)."""
+    t_decay: Optional[str] = None
+    """wsd only: decay length as a duration in t_max's unit (e.g. "2000ba"); overrides decay_fraction."""
 
 
 @dataclass
 class FSDPConfig:
-    """Fully Sharded Data Parallel (FSDP2, one unit per Mamba block)."""
+    """Fully Sharded Data Parallel: one unit per Mamba block; see mamba/training/parallel.py."""
 
+    version: int = 2
+    """2: FSDP2 (per-parameter DTensor sharding, the default); 1: FSDP1 (GPU only)."""
+    sharding_strategy: str = "FULL_SHARD"
+    """FULL_SHARD, SHARD_GRAD_OP (keep gathered parameters from forward to backward), HYBRID_SHARD
+    (shard within groups of shard_degree ranks, replicate across groups) or NO_SHARD (replicate)."""
+    shard_degree: int = -1
+    """HYBRID_SHARD: ranks per shard group; -1 means the ranks of one node (LOCAL_WORLD_SIZE)."""
     activation_checkpointing: bool = True
-    """Recompute each block's activations in backward instead of storing them."""
-    reshard_after_forward: bool = True
-    """True is FULL_SHARD (parameters freed after forward); False is SHARD_GRAD_OP."""
+    """Recompute block activations in backward instead of storing them."""
+    activation_checkpointing_every: int = 1
+    """Checkpoint every k-th block (blocks 0, k, 2k, ...); 1 checkpoints all of them."""
     state_dict_type: str = "sharded"
     """Checkpoint format: "sharded" (each rank writes its shard) or "full" (rank 0 writes one file)."""
 
@@ -107,6 +153,10 @@ class TrainerConfig:
     """"auto" (amp_bf16 on GPU, fp32 on CPU), "fp32", or "amp_bf16"."""
     device: str = "auto"
     """"auto" (gpu when CUDA is available), "gpu" or "cpu"."""
+    eval_interval: str = "1000ba"
+    """Evaluate on data.eval_sources this often (and at the end); ignored when there are none."""
+    eval_subset_num_batches: int = 100
+    """Batches per evaluation (per rank), from the start of the eval pass each time; -1: the whole pass."""
     save_folder: str = "./runs/{run_name}/checkpoints"
     """Checkpoint directory; {run_name} is substituted."""
     save_interval: str = "1000ba"
@@ -115,10 +165,30 @@ class TrainerConfig:
     """Older checkpoints are deleted; -1 keeps all."""
     autoresume: bool = True
     """Resume from the newest checkpoint in save_folder when one exists (needs a fixed run_name)."""
+    export_hf: bool = False
+    """At the end of training rank 0 writes the final model as a transformers directory to <save_folder>/hf."""
+    on_nonfinite_loss: str = "stop"
+    """A NaN/Inf loss or gradient norm: "stop" (raise before the optimizer update; the last
+    checkpoint stays intact) or "skip" (drop that step's update and count it as train/skipped_steps)."""
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go (console, JSON lines, TensorBoard, W&B) and what MFU is measured against."""
+
     log_interval: str = "10ba"
     """How often metrics are printed to the console."""
     progress_bar: bool = True
     """Show a progress bar on rank 0."""
+    metrics_file: Optional[str] = "./runs/{run_name}/metrics.jsonl"
+    """Rank 0 appends one JSON line of metrics per batch here ({run_name} substituted); null disables it."""
+    tensorboard_dir: Optional[str] = None
+    """TensorBoard event directory ({run_name} substituted); needs `pip install tensorboard`. null: off."""
+    wandb_project: Optional[str] = None
+    """Weights & Biases project to log to; needs `pip install wandb` and a login. null: off."""
+    peak_flops_per_device: Optional[float] = None
+    """Peak FLOP/s of one device, the MFU denominator; null: looked up from the device name
+    (mamba/training/monitor.py), or on CPU measured with a float32 matmul at start-up."""
 
 
 @dataclass
@@ -135,5 +205,4 @@ class TrainConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    metrics_file: Optional[str] = "./runs/{run_name}/metrics.jsonl"
-    """Rank 0 appends one JSON line of metrics per logged batch here; null disables it."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -20,7 +20,10 @@ def test_default_recipe_is_the_1_6b_cluster_config():
     assert (m.vocab_size, m.d_model, m.n_layer, cfg.data.seq_len) == (65024, 2688, 28, 4096)
     assert (t.global_batch_size, t.micro_batch_size) == (896, 7)
     assert (o.lr, o.betas, o.weight_decay) == (4.5e-4, [0.9, 0.95], 0.1)
-    assert cfg.fsdp.activation_checkpointing and cfg.fsdp.reshard_after_forward
+    f = cfg.fsdp
+    assert (f.version, f.sharding_strategy, f.activation_checkpointing, f.activation_checkpointing_every) == (
+        2, "FULL_SHARD", True, 1)
+    assert cfg.scheduler.name == "cosine" and cfg.optimizer.no_decay[:3] == ["A_log", "D", "dt_bias"]
 
 
 def test_overrides_apply_and_convert_ints_to_floats(tmp_path):
@@ -69,11 +72,45 @@ def test_wrong_types_name_the_key(tmp_path, text, pattern):
         ("scheduler.name=wsdx", r"scheduler.name='wsdx': choose one of"),
         ("model.ssm_layer=mamba3", r"model.ssm_layer='mamba3'"),
         ("optimizer.betas=[0.9]", r"optimizer.betas=\[0.9\] must be two numbers"),
+        ("optimizer.no_decay=[1]", r"optimizer.no_decay=\[1\] must be a list of parameter-name parts"),
+        ("fsdp.sharding_strategy=FULLSHARD", r"fsdp.sharding_strategy='FULLSHARD': choose one of"),
+        ("fsdp.version=3", r"fsdp.version=3: choose 2"),
+        ("fsdp.shard_degree=4", r"fsdp.shard_degree=4 only applies with fsdp.sharding_strategy=HYBRID_SHARD"),
+        ("fsdp.activation_checkpointing_every=0", r"fsdp.activation_checkpointing_every=0 must be >= 1"),
+        ("scheduler.decay_shape=sqrt", r"scheduler.decay_shape='sqrt': choose one of"),
+        ("scheduler.decay_fraction=1.5", r"scheduler.decay_fraction=1.5 must be in \(0, 1\]"),
+        ("scheduler.t_decay=soon", r"scheduler.t_decay='soon' is not a duration"),
+        # warmup as long as the whole schedule: both keys named, with the fix
+        ("scheduler.t_warmup=100000ba",
+         r"scheduler.t_warmup='100000ba' must be shorter than scheduler.t_max='1dur' "
+         r"\(trainer.max_duration='100000ba'\); shorten the warmup"),
+        # tokens vs batches cannot be compared: refused naming every key and its unit
+        ("scheduler.t_warmup=1e8tok",
+         r"scheduler.t_warmup='1e8tok' \(tok\), scheduler.t_max='1dur' \(ba\).*give them all in one unit"),
+        ("trainer.max_duration=2e10tok", r"scheduler.t_warmup='2000ba' \(ba\), scheduler.t_max='1dur' \(tok\)"),
     ],
 )
 def test_cross_field_rules(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(REPO / "config.yaml", [override])
+
+
+def test_wsd_warmup_plus_decay_must_fit_in_t_max():
+    with pytest.raises(ConfigError, match=r"t_warmup='2000ba' plus the decay \(9000ba\) exceeds scheduler.t_max='10000ba'"):
+        load_config(REPO / "config.yaml", ["scheduler.name=wsd", "scheduler.t_max=10000ba", "scheduler.t_decay=9000ba"])
+    cfg = load_config(REPO / "config.yaml", ["scheduler.name=wsd", "trainer.max_duration=4e9tok",
+                                             "scheduler.t_warmup=1e8tok", "scheduler.t_decay=8e8tok"])
+    assert (cfg.scheduler.name, cfg.scheduler.t_decay) == ("wsd", "8e8tok")
+
+
+def test_hybrid_shard_degree_must_divide_the_ranks():
+    from mamba.config.load import check_world_size
+
+    cfg = load_config(REPO / "config.yaml", ["fsdp.sharding_strategy=HYBRID_SHARD", "fsdp.shard_degree=3",
+                                             "trainer.global_batch_size=168"])
+    with pytest.raises(ConfigError, match=r"fsdp.shard_degree=3 must divide the 8 ranks"):
+        check_world_size(cfg, 8)
+    assert check_world_size(cfg, 6) == 28
 
 
 def test_world_size_must_divide_the_global_batch():

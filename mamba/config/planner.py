@@ -1,0 +1,207 @@
+"""From "N nodes of M GPUs and T tokens" to batch sizes, durations and a summary.
+
+Memory model, bytes per GPU (P = parameters, S = ranks the parameters are sharded over, B = micro
+batch in windows, L = seq_len, l = n_layer, d = d_model, E = expand * d, N = d_state,
+R = dt_rank, V = padded vocab):
+
+    states       16 P / S     fp32 parameters (they are AdamW's master weights: Composer's
+                              amp_bf16 autocasts, it does not keep a second copy) 4 P, fp32 grads
+                              4 P, AdamW's two fp32 moments 8 P; all sharded by FSDP
+                              (Rajbhandari et al. 2020, ZeRO, Sec. 3: "16 Psi" for mixed-precision Adam)
+    gathered     8 P_unit     the largest FSDP unit (a block, or the embedding/head) unsharded
+                              while it computes: its bf16 copy for this and the prefetched unit
+                              (2 x 2 bytes) plus its unsharded fp32 grads before reduce-scatter (4)
+    activations  B L a        a = bytes kept per token for backward, below
+    logits       6 B L V      bf16 logits plus the fp32 cross-entropy gradient (the loss is not
+                              chunked over the vocabulary)
+    reserve      2 GiB + 10%  CUDA context, NCCL buffers and allocator fragmentation; the plan
+                              uses at most 90% of the GPU after the fixed 2 GiB
+
+Activations kept per token per Mamba-1 block (bf16 = 2 bytes unless said), assuming the fused
+mamba-ssm kernels, which recompute the (E, N) scan states in backward instead of storing them
+(Gu & Dao 2023, Sec. 3.3.2):
+
+    block_act = 4d (fp32 residual) + 2d (normed input) + 2*2E (in_proj: x, z) + 2E (conv out)
+                + 2E (silu) + 2(R + 2N) (x_proj) + 4E (dt, fp32) + 2E (scan out y) + 2E (gated)
+
+Without activation checkpointing a = l * block_act. With it, each block keeps only its input
+(4d + 2d) and one block at a time is recomputed: a = l * 6d + block_act. Mamba-2 blocks are
+counted with the same terms (their (H, N) chunk states are likewise recomputed).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+GIB = 1024**3
+
+# name: (memory in GB as sold, dense bf16 peak TFLOP/s without sparsity), from the vendors' data
+# sheets (NVIDIA H100 SXM, H200 SXM, A100, L40S, L4, A10 data sheets; AMD MI250X, MI300X).
+GPUS: dict[str, tuple[float, float]] = {
+    "H100-80GB": (80, 989.5),
+    "H200-141GB": (141, 989.5),
+    "B200-180GB": (180, 2250.0),
+    "A100-40GB": (40, 312.0),
+    "A100-80GB": (80, 312.0),
+    "L40S-48GB": (48, 362.05),
+    "A10-24GB": (24, 125.0),
+    "L4-24GB": (24, 121.0),
+    "MI250X-128GB": (128, 383.0),
+    "MI300X-192GB": (192, 1307.4),
+}
+
+
+class PlanError(ValueError):
+    """A request that cannot be trained as asked; the message says why and what to change."""
+
+
+def dt_rank(d_model: int) -> int:
+    return math.ceil(d_model / 16)  # mamba-ssm's "auto"
+
+
+def padded_vocab(model) -> int:
+    return model.vocab_size + (-model.vocab_size % model.pad_vocab_size_multiple)
+
+
+def block_parameters(model) -> int:
+    """Parameters of one block (norm + mixer) with mamba-ssm's layer shapes."""
+    d, n, k = model.d_model, model.d_state, model.d_conv
+    e = model.expand * d
+    if model.ssm_layer == "mamba2":
+        # mamba_ssm/modules/mamba2.py: in_proj -> [z, x, B, C, dt], conv over [x, B, C],
+        # per-head dt_bias, A_log, D, a gated RMSNorm over E, out_proj.
+        g, h = getattr(model, "ngroups", 1), e // getattr(model, "headdim", 64)
+        conv_dim = e + 2 * g * n
+        mixer = d * (2 * e + 2 * g * n + h) + conv_dim * (k + 1) + 3 * h + e + e * d
+    else:
+        r = dt_rank(d)
+        # in_proj, conv1d (+bias), x_proj, dt_proj (+bias), A_log, D, out_proj
+        mixer = d * 2 * e + e * (k + 1) + e * (r + 2 * n) + r * e + e + e * n + e + e * d
+    return mixer + d  # the block's RMSNorm
+
+
+def parameters(model) -> int:
+    """Total parameters, a tied head counted once (what the built model's parameters() sums)."""
+    embed = padded_vocab(model) * model.d_model
+    head = 0 if model.tie_embeddings else embed
+    return model.n_layer * block_parameters(model) + embed + head + model.d_model  # + norm_f
+
+
+def block_activation_bytes(model) -> int:
+    """Bytes kept per token by one block for its backward (module docstring)."""
+    d, n = model.d_model, model.d_state
+    e = model.expand * d
+    r = dt_rank(d)
+    return 4 * d + 2 * d + 2 * 2 * e + 2 * e + 2 * e + 2 * (r + 2 * n) + 4 * e + 2 * e + 2 * e
+
+
+def activation_bytes_per_token(model, checkpointing: bool) -> int:
+    block = block_activation_bytes(model)
+    if checkpointing:
+        return model.n_layer * 6 * model.d_model + block
+    return model.n_layer * block
+
+
+def fixed_bytes(model, shard_ranks: int) -> int:
+    """Everything but the activations and logits: sharded states + one gathered unit."""
+    p = parameters(model)
+    unit = max(block_parameters(model), padded_vocab(model) * model.d_model)
+    return 16 * p // shard_ranks + 8 * unit
+
+
+def memory_bytes(model, micro_batch: int, seq_len: int, shard_ranks: int, checkpointing: bool) -> int:
+    tokens = micro_batch * seq_len
+    return (fixed_bytes(model, shard_ranks) + tokens * activation_bytes_per_token(model, checkpointing)
+            + 6 * tokens * padded_vocab(model))
+
+
+def usable_bytes(gpu_gb: float) -> int:
+    """The share of a GPU the plan may fill: 90% of what is left after 2 GiB (docstring)."""
+    return int(0.9 * (gpu_gb * 1e9 - 2 * GIB))
+
+
+@dataclass
+class Plan:
+    ranks: int
+    global_batch: int          # windows per optimizer step
+    micro_batch: int           # windows per forward/backward per rank
+    grad_accum: int
+    checkpointing: bool
+    steps: int                 # optimizer steps = max_duration in batches
+    warmup: int
+    save_every: int
+    tokens: int                # tokens actually trained (steps x global batch x seq_len)
+    memory_per_gpu: int        # bytes, the memory model's estimate
+    params: int
+    flops_per_token: int
+    hours: float | None        # estimated wall time at the assumed MFU (None: unknown peak)
+
+
+def micro_batch_fitting(model, seq_len: int, per_rank: int, shard_ranks: int, budget: int,
+                        checkpointing: bool) -> int:
+    """Largest divisor of the per-rank batch whose memory estimate fits in `budget` (0: none)."""
+    fits = [b for b in range(1, per_rank + 1)
+            if per_rank % b == 0 and memory_bytes(model, b, seq_len, shard_ranks, checkpointing) <= budget]
+    return max(fits, default=0)
+
+
+def plan(model, *, ranks: int, seq_len: int, global_batch_tokens: int, tokens: int,
+         gpu_gb: float | None, peak_tflops: float | None, mfu: float, flops_per_token: int,
+         minutes_between_saves: float = 30.0) -> Plan:
+    """Derive the batch layout and durations; `gpu_gb=None` means CPU ranks (no memory limit)."""
+    global_batch = max(1, round(global_batch_tokens / seq_len / ranks)) * ranks
+    per_rank = global_batch // ranks
+    p = parameters(model)
+    if gpu_gb is None:
+        micro, checkpointing = per_rank, False
+    else:
+        budget = usable_bytes(gpu_gb)
+        # Recomputation costs about a third more compute (one more forward); worth it only when
+        # without it fewer than 4 windows (or not the whole per-rank batch) fit at once.
+        micro = micro_batch_fitting(model, seq_len, per_rank, ranks, budget, checkpointing=False)
+        checkpointing = micro < min(4, per_rank)
+        if checkpointing:
+            micro = micro_batch_fitting(model, seq_len, per_rank, ranks, budget, checkpointing=True)
+        if micro == 0:
+            need = memory_bytes(model, 1, seq_len, ranks, checkpointing=True)
+            raise PlanError(
+                f"does not fit: {p / 1e9:.2f}B parameters at seq_len={seq_len} need about {need / 1e9:.1f} GB "
+                f"per GPU even with one window per micro batch and activation checkpointing "
+                f"({fixed_bytes(model, ranks) / 1e9:.1f} GB of sharded weights, grads and AdamW states over "
+                f"{ranks} GPUs), but a {gpu_gb:g} GB GPU leaves {budget / 1e9:.1f} GB usable; use more or larger "
+                f"GPUs, a shorter --seq-len, or a smaller model")
+    steps = max(1, math.ceil(tokens / (global_batch * seq_len)))
+    hours = None
+    if peak_tflops:
+        hours = flops_per_token * steps * global_batch * seq_len / (ranks * peak_tflops * 1e12 * mfu) / 3600
+    # Checkpoint about every `minutes_between_saves` of estimated wall time (at most what a
+    # preemption loses), at least every 1000 steps when the speed is unknown (CPU).
+    steps_per_save = steps * minutes_between_saves / 60 / hours if hours else 1000
+    save_every = int(min(steps, max(1, round(steps_per_save))))
+    return Plan(
+        ranks=ranks, global_batch=global_batch, micro_batch=micro, grad_accum=per_rank // micro,
+        checkpointing=checkpointing, steps=steps, warmup=min(2000, max(1, math.ceil(0.02 * steps))),
+        save_every=save_every, tokens=steps * global_batch * seq_len,
+        memory_per_gpu=memory_bytes(model, micro, seq_len, ranks, checkpointing),
+        params=p, flops_per_token=flops_per_token, hours=hours,
+    )
+
+
+def summary(pl: Plan, model, seq_len: int, data_tokens: int | None, gpu: str, mfu: float) -> str:
+    """The human-readable plan printed by create_mamba_config.py."""
+    lines = [
+        f"model        {model.ssm_layer} d_model={model.d_model} n_layer={model.n_layer} "
+        f"vocab={model.vocab_size}: {pl.params:,} parameters ({pl.params / 1e6:.1f}M)",
+        f"compute      {pl.flops_per_token / 1e9:.3g} GFLOPs per token (forward + backward)",
+        f"batch        {pl.global_batch} windows x {seq_len} tokens = {pl.global_batch * seq_len:,} tokens per step; "
+        f"{pl.ranks} ranks x micro batch {pl.micro_batch} x {pl.grad_accum} accumulation",
+        f"memory       {pl.memory_per_gpu / 1e9:.1f} GB per {gpu} (estimate; activation checkpointing "
+        f"{'on' if pl.checkpointing else 'off'})",
+        f"duration     {pl.steps:,} steps = {pl.tokens / 1e9:.3f}B tokens ({pl.tokens / pl.params:.1f} per parameter); "
+        f"warmup {pl.warmup} steps, checkpoint every {pl.save_every} steps",
+    ]
+    if pl.hours is not None:
+        lines.append(f"wall time    ~{pl.hours:.1f} h at {mfu:.0%} MFU ({pl.hours * pl.ranks:,.0f} GPU-hours)")
+    if data_tokens:
+        lines.append(f"data         {data_tokens:,} tokens: {pl.tokens / data_tokens:.2f} epochs")
+    return "\n".join(lines)

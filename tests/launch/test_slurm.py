@@ -1,0 +1,125 @@
+"""slurm.sh on a real Slurm: two "nodes" (two slurmd on this machine, tools/slurm_local.sh), one
+rank each, the tiny config on packed stdlib text.
+
+  A  an uninterrupted 2-node job: it trains (every batch logged, loss finite) and checkpoints;
+  B  the same job, interrupted mid-run with USR1 to the batch script (exactly what
+     `--signal=B:USR1@120` delivers before the time limit): slurm.sh's trap stops the training
+     step and runs `scontrol requeue`; Slurm restarts the job (SLURM_RESTART_COUNT=1), which
+     autoresumes from its newest checkpoint and must end with exactly A's final loss.
+
+Skipped, with the reason, only where Slurm cannot be installed here (not root, or no apt-get).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+
+from mamba.training.metrics_file import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+BATCHES = 16
+
+if os.geteuid() != 0 or not (shutil.which("apt-get") or shutil.which("slurmctld")):
+    pytest.skip("installing and running Slurm needs root and apt-get (tools/slurm_local.sh)", allow_module_level=True)
+
+
+def sh(*args: str, **kw) -> str:
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, **kw)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Path:
+    """A running 2-node Slurm, packed data and a tiny config; returns the work folder."""
+    sh("bash", "tools/slurm_local.sh", "start", timeout=600)
+    work = tmp_path_factory.mktemp("slurm")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    sources = sorted(stdlib.glob("*.py"))[:40]
+    sh(sys.executable, "tools/pack.py", "--tokenizer", "bpe:512", "--out", str(work / "packed"), *map(str, sources))
+    sh(sys.executable, "create_mamba_config.py", "--preset", "tiny", "--data", str(work / "packed"),
+       "--out", str(work / "tiny.yaml"), "model.d_model=64", "model.n_layer=2", "data.seq_len=64",
+       "trainer.global_batch_size=8", "trainer.micro_batch_size=2", "scheduler.t_warmup=4ba",
+       f"trainer.max_duration={BATCHES}ba", "trainer.save_interval=4ba", "logging.progress_bar=false",
+       "logging.log_interval=1ba", f"trainer.save_folder={work}/{{run_name}}/ckpt",
+       f"logging.metrics_file={work}/{{run_name}}/metrics.jsonl")
+    return work
+
+
+def submit(work: Path, run_name: str, *sbatch_args: str) -> int:
+    """sbatch slurm.sh on 2 CPU nodes with one rank each; returns the job id."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    out = sh("sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
+             f"--output={work}/{run_name}.out", *sbatch_args, "slurm.sh", str(work / "tiny.yaml"),
+             f"run_name={run_name}", env=env)
+    return int(out.strip().split(";")[0])
+
+
+def job_state(job: int) -> str:
+    out = subprocess.run(["scontrol", "show", "job", str(job)], capture_output=True, text=True).stdout
+    return next((w.split("=", 1)[1] for w in out.split() if w.startswith("JobState=")), "GONE")
+
+
+def wait_for(condition, what: str, timeout: float = 240) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(1)
+
+
+def wait_done(job: int, log: Path) -> None:
+    wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "GONE"),
+             f"job {job}")
+    assert job_state(job) == "COMPLETED", f"job {job} ended {job_state(job)}:\n{log.read_text()[-4000:]}"
+
+
+def losses(work: Path, run_name: str) -> dict[int, float]:
+    """Batch -> loss, the last logged value of each batch (a resumed run logs its batches again)."""
+    rows = read_metrics(str(work / run_name / "metrics.jsonl"))
+    return {r["batch"]: r["loss/train/total"] for r in rows if "loss/train/total" in r}
+
+
+def checkpoints(work: Path, run_name: str) -> list[str]:
+    folder = work / run_name / "ckpt"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def whole(cluster) -> dict[int, float]:
+    """Run A (uninterrupted); its losses."""
+    job = submit(cluster, "whole")
+    wait_done(job, cluster / "whole.out")
+    return losses(cluster, "whole")
+
+
+def test_two_node_job_trains_and_checkpoints(cluster, whole):
+    log = (cluster / "whole.out").read_text()
+    assert "2 node(s) x 1 process(es)" in log, log[-3000:]
+    assert sorted(whole) == list(range(1, BATCHES + 1))
+    assert all(0 < v < 20 for v in whole.values()), whole
+    assert any(f"ba{BATCHES}" in name for name in checkpoints(cluster, "whole")), checkpoints(cluster, "whole")
+
+
+def test_usr1_requeues_and_the_job_resumes_to_the_same_loss(cluster, whole):
+    job = submit(cluster, "requeued")
+    # Interrupt once the first checkpoint (batch 4) exists and before the run ends.
+    wait_for(lambda: any("ba4" in n for n in checkpoints(cluster, "requeued")), "the first checkpoint")
+    sh("scancel", "--batch", "--signal=USR1", str(job))
+    wait_for(lambda: "restart 1" in (cluster / "requeued.out").read_text(), "the requeued job to restart")
+    wait_done(job, cluster / "requeued.out")
+
+    log = (cluster / "requeued.out").read_text()
+    assert "time limit near" in log, log[-3000:]
+    # The ranks checkpoint at the batch they were on (mamba/training/signals.py) and the requeued
+    # job continues right after it: every batch logged once, none replayed from scratch.
+    assert "stopping after batch" in log, log[-3000:]
+    rows = [r["batch"] for r in read_metrics(str(cluster / "requeued" / "metrics.jsonl")) if "loss/train/total" in r]
+    assert rows == list(range(1, BATCHES + 1)), rows
+    requeued = losses(cluster, "requeued")
+    assert requeued[BATCHES] == whole[BATCHES], json.dumps({"whole": whole, "requeued": requeued})

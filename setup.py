@@ -19,12 +19,20 @@ setup(
         "numpy",
         "submitit",
         "tokenizers>=0.19",
+        "safetensors",  # tools/export_hf.py writes model.safetensors
     ],
     extras_require={
         # CUDA kernels: need nvcc and a CUDA torch; 2.3.2 needs triton>=3.5, which torch 2.7 refuses.
         "gpu": ["mamba-ssm==2.3.1", "causal-conv1d>=1.4"],
         # transformers is the reference the tests compare our model against (<4.54 fits torch 2.7).
-        "dev": ["pytest", "transformers>=4.44,<4.54", "safetensors"],
-        "all": ["pytest", "transformers>=4.44,<4.54", "safetensors", "tensorboard"],
+        # monitoring: TensorBoard event files (logging.tensorboard_dir) and tools/plot_metrics.py
+        "monitor": ["tensorboard", "matplotlib"],
+        # tools/pack.py input formats: Parquet, .zst, HF datasets (hub <1.0 keeps transformers 4.53 working)
+        "formats": ["pyarrow", "zstandard", "datasets>=2.19,<4.2", "huggingface-hub<1.0"],
+        # benchmarks/model_cpu.py: HF transformers' Mamba, default and mamba.py (mambapy) paths
+        "bench": ["transformers>=4.44,<4.54", "mambapy"],
+        "dev": ["pytest", "transformers>=4.44,<4.54", "safetensors", "tensorboard", "matplotlib",
+                "pyarrow", "zstandard", "datasets>=2.19,<4.2", "huggingface-hub<1.0"],
+        "all": ["pytest", "transformers>=4.44,<4.54", "safetensors", "tensorboard", "matplotlib"],
     },
 )

@@ -19,7 +19,7 @@ if [ ! -f "$out/packed/index.json" ]; then
 fi
 
 .venv/bin/python create_mamba_config.py --preset tiny --data "$out/packed" --out "$out/tiny.yaml" \
-  --run-name quickstart "trainer.save_folder=$out/checkpoints" "metrics_file=$out/metrics.jsonl"
+  --run-name quickstart "trainer.save_folder=$out/checkpoints" "logging.metrics_file=$out/metrics.jsonl"
 
 # One thread per rank: two ranks on two cores oversubscribe OpenMP otherwise (about 4x slower).
 OMP_NUM_THREADS=1 .venv/bin/composer -n 2 mamba/train.py "$out/tiny.yaml"

@@ -1,0 +1,174 @@
+"""CPU training throughput of our pure-torch Mamba-1 vs HF transformers' pure-torch Mamba.
+
+Usage:  .venv/bin/python benchmarks/model_cpu.py [--seqs 512 2048] [--batch 4] [--repeats 3]
+                                               [--workloads mixers model] [--threads 1]
+                                               [--skip hf-slow hf-mambapy seq-ref]
+Needs the `bench` extra (transformers, mambapy): pip install -e '.[bench]'
+
+Measures forward + backward tokens/s (float32, train mode, best of --repeats after one warm-up)
+for two workloads, each with identical weights in every implementation:
+  mixers  a stack of 4 Mamba-1 mixers, d_model 256 (no norms, no residual): the scan's cost
+  model   the whole LM (d_model 256, 4 layers, vocab 8192) + next-token loss (ours: the chunked
+          cross-entropy of training; HF: full logits + F.cross_entropy)
+and four implementations:
+  ours       mamba.model (ops/selective_scan.py, chunked scan)
+  hf-slow    transformers MambaForCausalLM / MambaMixer on CPU: its default slow_forward
+             (a Python loop over time steps)
+  hf-mambapy the same with config.use_mambapy=True (mambapy's parallel scan; train mode only)
+  seq-ref    ours with the scan replaced by ops.selective_scan_ref (a loop over time steps),
+             timed ONCE (no warm-up, one repeat) to keep the run affordable
+Then the achieved GFLOP/s of ours (mamba/model/flops.py formula, training = 3x forward) over a
+measured float32 matmul GFLOP/s of this machine (best of 1024^3 torch.mm).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mamba.model.mamba1 as mamba1_module
+from mamba.model.flops import flops_per_token, mamba1_layer_flops
+from mamba.model.hf import hf_config, hf_state_dict
+from mamba.model.lm import MambaConfig, MambaLMHeadModel
+from mamba.model.ops.selective_scan import selective_scan_ref
+
+D_MODEL, N_LAYER, VOCAB = 256, 4, 8192
+
+
+def build(use_mambapy: bool | None):
+    """(our LM, HF LM or None) with identical weights; use_mambapy None = ours only."""
+    torch.manual_seed(0)
+    ours = MambaLMHeadModel(MambaConfig(d_model=D_MODEL, n_layer=N_LAYER, vocab_size=VOCAB, kernels="torch"))
+    if use_mambapy is None:
+        return ours, None
+    from transformers import MambaConfig as HFConfig, MambaForCausalLM
+
+    hf = MambaForCausalLM(HFConfig(**hf_config(ours), use_mambapy=use_mambapy))
+    missing, unexpected = hf.load_state_dict(hf_state_dict(ours), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # the tied head is re-tied by HF
+        raise RuntimeError(f"HF weight mapping failed: missing {missing}, unexpected {unexpected}")
+    return ours, hf
+
+
+class MixerStack(nn.Module):
+    """The mixers of an LM applied one after another: (B, L, d) -> (B, L, d)."""
+
+    def __init__(self, mixers):
+        super().__init__()
+        self.mixers = nn.ModuleList(mixers)
+
+    def forward(self, x):
+        for m in self.mixers:
+            x = m(x)
+        return x
+
+
+@contextlib.contextmanager
+def sequential_scan():
+    """Run our mixers with the per-time-step reference scan (mamba1.py looks the name up per call)."""
+    fast = mamba1_module.selective_scan
+    mamba1_module.selective_scan = lambda *a, chunk_size=None, **k: selective_scan_ref(*a, **k)
+    try:
+        yield
+    finally:
+        mamba1_module.selective_scan = fast
+
+
+def time_step(fn, repeats: int, warmup: bool = True) -> float:
+    """Best wall seconds of one forward+backward `fn()` call."""
+    if warmup:
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def mixer_step(stack, x):
+    def run():
+        stack.zero_grad(set_to_none=True)
+        stack(x).square().mean().backward()
+    return run
+
+
+def model_step(model, ids, ours: bool):
+    def run():
+        model.zero_grad(set_to_none=True)
+        if ours:
+            loss = model(ids[:, :-1], labels=ids[:, 1:])  # chunked loss over the real vocabulary
+        else:
+            logits = model(ids[:, :-1]).logits
+            loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+    return run
+
+
+def matmul_gflops() -> float:
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    return 2 * 1024**3 / time_step(lambda: torch.mm(a, b), repeats=20) / 1e9
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seqs", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workloads", nargs="+", default=["mixers", "model"], choices=["mixers", "model"])
+    # One thread by default: on a shared machine, OpenMP threads that spin-wait for each other
+    # slowed every implementation by 10-50x (measured on the 2-core dev box under load).
+    parser.add_argument("--threads", type=int, default=1)
+    # HF's slow path indexes one time step per iteration; each index's backward (select_backward)
+    # writes a zero-filled (batch, E, L, N) tensor, so its backward is O(L^2): at L = 2048 one
+    # step takes hours on one core. --skip hf-slow leaves it out.
+    parser.add_argument("--skip", nargs="*", default=[], choices=["hf-slow", "hf-mambapy", "seq-ref"])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    ours, hf_slow = build(use_mambapy=False)
+    _, hf_py = build(use_mambapy=True)
+    for m in (ours, hf_slow, hf_py):
+        m.train()  # HF takes the mambapy scan only in training mode
+    stacks = {
+        "ours": MixerStack([layer.mixer for layer in ours.backbone.layers]),
+        "hf-slow": MixerStack([layer.mixer for layer in hf_slow.backbone.layers]),
+        "hf-mambapy": MixerStack([layer.mixer for layer in hf_py.backbone.layers]),
+    }
+    peak = matmul_gflops()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32; "
+          f"matmul 1024^3: {peak:.1f} GFLOP/s")
+    mix_m, mix_o = mamba1_layer_flops(ours.config)
+    header = f"{'workload':8} {'seq':>5} {'impl':11} {'tok/s':>9} {'ours/x':>7} {'GFLOP/s':>8} {'% matmul':>8}"
+    print(header + "\n" + "-" * len(header))
+    for seq in args.seqs:
+        g = torch.Generator().manual_seed(seq)
+        x = torch.randn(args.batch, seq, D_MODEL, generator=g)
+        ids = torch.randint(0, VOCAB, (args.batch, seq + 1), generator=g)
+        tokens = args.batch * seq
+        for workload in args.workloads:
+            if workload == "mixers":
+                steps = {k: mixer_step(s, x) for k, s in stacks.items()}
+                seq_ref = mixer_step(stacks["ours"], x)
+                flops = 3 * N_LAYER * (mix_m + mix_o) * tokens
+            else:
+                steps = {"ours": model_step(ours, ids, True), "hf-slow": model_step(hf_slow, ids, False),
+                         "hf-mambapy": model_step(hf_py, ids, False)}
+                seq_ref = model_step(ours, ids, True)
+                flops = flops_per_token(ours.config) * tokens
+            secs = {k: time_step(fn, args.repeats) for k, fn in steps.items() if k not in args.skip}
+            if "seq-ref" not in args.skip:
+                with sequential_scan():
+                    secs["seq-ref (1x)"] = time_step(seq_ref, 1, warmup=False)
+            for impl, s in secs.items():
+                ratio = secs[impl] / secs["ours"]
+                gf = flops / s / 1e9
+                print(f"{workload:8} {seq:>5} {impl:11} {tokens / s:>9.0f} {ratio:>7.1f} {gf:>8.2f} {100 * gf / peak:>7.1f}%", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -165,17 +165,17 @@ class PackedSource:
                 )
 
 
-def decode_windows(words: np.ndarray) -> dict[str, torch.Tensor]:
-    """(B, L + 1) int32 layout words -> the training batch, each (B, L) int64:
+def decode_windows(words) -> dict[str, torch.Tensor]:
+    """(B, L + 1) int32 layout words (a tensor on any device, or a numpy array) -> the training
+    batch, each (B, L) int64 on the words' device:
 
         input_ids     token ids of words [0, L)
         labels        token ids of words [1, L + 1), IGNORE_INDEX where that word's loss bit is 0
         position_ids  in-document positions of words [0, L) (0 marks a document start)
+
+    Training runs it on the device, per micro batch (mamba.data.loader.as_data_spec): the host
+    reads and ships 4 bytes per token, not the 24 of three int64 tensors.
     """
-    # numpy, one pass per output and no temporaries beyond decode's: the fastest of the variants
-    # timed by benchmarks/data.py (torch's int32 ops were ~2x slower on one core).
-    ids, positions, loss = layout.decode(words)  # (B, L + 1) int32, int32, bool
-    labels = ids[:, 1:].astype(np.int64)
-    np.putmask(labels, ~loss[:, 1:], IGNORE_INDEX)
-    return {"input_ids": torch.from_numpy(ids[:, :-1].astype(np.int64)), "labels": torch.from_numpy(labels),
-            "position_ids": torch.from_numpy(positions[:, :-1].astype(np.int64))}
+    ids, positions, loss = layout.decode(torch.as_tensor(words))  # (B, L + 1) int32, int32, bool
+    labels = ids[:, 1:].long().masked_fill_(~loss[:, 1:], IGNORE_INDEX)
+    return {"input_ids": ids[:, :-1].long(), "labels": labels, "position_ids": positions[:, :-1].long()}

@@ -11,6 +11,11 @@ the batches before it.
 With num_workers = K > 0, worker w of a rank builds that rank's batches w, w + K, w + 2K, ...;
 torch's DataLoader takes batches from its workers round-robin, so they arrive in order.
 
+Batches leave the loader as the packed int32 words themselves, {"words": (B, seq_len + 1)}:
+`as_data_spec` has Composer decode them into input_ids / labels / position_ids on the device, per
+micro batch. The host's work per token is then a 4-byte copy (benchmarks/data.py), and the
+host-to-device transfer is 4 bytes per token instead of 24.
+
 Train data never ends (each source starts its next epoch when it runs out, which is logged), so
 train durations are given in batches, tokens or samples, not epochs. Eval data is each eval
 source's windows in file order, mixed by the eval weights, up to the first source's end.
@@ -21,10 +26,13 @@ import logging
 
 import numpy as np
 import torch
+from composer.core import DataSpec
 from composer.utils import dist
 
+from mamba import layout
+
 from mamba.config.schema import DataConfig
-from mamba.data.dataset import PackedSource, decode_windows
+from mamba.data.dataset import IGNORE_INDEX, PackedSource, decode_windows
 from mamba.data.fim import fim_window
 from mamba.data.mixture import WeightedSchedule, WindowShuffle
 
@@ -33,7 +41,7 @@ SHUFFLE_BLOCK = 1 << 14  # window positions whose permuted indices are computed 
 
 
 class MixtureStream(torch.utils.data.IterableDataset):
-    """Yields this rank's samples (dicts of (L,) int64 tensors, see decode_windows), batch by batch.
+    """Yields this rank's samples ({"words": (seq_len + 1,) int32}; see decode_windows), batch by batch.
 
     length: total global samples (eval: a finite pass from g = 0), or None for the endless train
     stream. Composer calls state_dict / load_state_dict to checkpoint and restore the position.
@@ -118,7 +126,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
             for row in range(len(g)):
                 words[row] = fim_window(words[row], int(g[row]), self.seed, self.fim_rate, self.fim_spm_rate,
                                         self.sentinels, self.sources[source[row]].eos_id)
-        return decode_windows(words)
+        return {"words": torch.from_numpy(words)}
 
     def _shuffled(self, s: int, e: int, within: np.ndarray) -> np.ndarray:
         """Epoch e's permutation of source s at positions `within`. The permutation is evaluated
@@ -162,7 +170,25 @@ def open_sources(entries: list[dict], key: str, seq_len: int, vocab_size: int, v
     return sources
 
 
-def build_train_dataloader(cfg: DataConfig, batch_size: int, vocab_size: int, seed: int) -> torch.utils.data.DataLoader:
+def as_data_spec(loader: torch.utils.data.DataLoader) -> DataSpec:
+    """The loader as Composer consumes it: words decoded on the device per micro batch, tokens
+    counted as seq_len per sample ("total", for token durations) and by loss bit ("loss_generating",
+    which weights the micro batches of a step when the Trainer accumulates on tokens)."""
+    return DataSpec(loader, microbatch_transforms=lambda batch: decode_windows(batch["words"]),
+                    get_num_tokens_in_batch=count_tokens)
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> dict[str, int]:
+    """{"total", "loss_generating"} of a batch of words, or of a decoded batch."""
+    if "words" in batch:
+        words = batch["words"]  # (B, L + 1): the first word of a window is never a target
+        targets = int(((words[:, 1:] >> layout.LOSS_SHIFT) & 1).sum())
+        return {"total": words.shape[0] * (words.shape[1] - 1), "loss_generating": targets}
+    labels = batch["labels"]
+    return {"total": labels.numel(), "loss_generating": int((labels != IGNORE_INDEX).sum())}
+
+
+def build_train_dataloader(cfg: DataConfig, batch_size: int, vocab_size: int, seed: int) -> DataSpec:
     """This rank's endless stream of `batch_size`-window batches from cfg.sources (see module doc)."""
     sources = open_sources(cfg.sources, "data.sources", cfg.seq_len, vocab_size, cfg.verify)
     if cfg.fim_rate > 0:
@@ -180,10 +206,10 @@ def build_train_dataloader(cfg: DataConfig, batch_size: int, vocab_size: int, se
             log.info("source %s: %d windows of %d tokens (%d tokens dropped), %d of every %d samples",
                      source.data_dir, len(source), cfg.seq_len, source.dropped_tokens,
                      period.counts[s], period.period)
-    return _loader(stream, cfg.num_workers)
+    return as_data_spec(_loader(stream, cfg.num_workers))
 
 
-def build_eval_dataloader(cfg: DataConfig, batch_size: int, vocab_size: int) -> torch.utils.data.DataLoader | None:
+def build_eval_dataloader(cfg: DataConfig, batch_size: int, vocab_size: int) -> DataSpec | None:
     """One deterministic pass over cfg.eval_sources (None if there are none), split over ranks.
 
     Windows are read in file order, mixed by the eval weights, until the first source has no
@@ -207,7 +233,7 @@ def build_eval_dataloader(cfg: DataConfig, batch_size: int, vocab_size: int) -> 
         log.info("eval pass of %d windows (%d left out of the last global batch)", length, available - length)
     stream = MixtureStream(sources, weights, batch_size, seed=0, shuffle=False, rank=dist.get_global_rank(),
                            world_size=dist.get_world_size(), length=length)
-    return _loader(stream, cfg.num_workers)
+    return as_data_spec(_loader(stream, cfg.num_workers))
 
 
 def collate_rows(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -55,6 +55,12 @@ class ComposerMambaLM(ComposerModel):
         metric.update(outputs, batch["labels"])
 
     def flops_per_batch(self, batch: dict) -> int:
-        """Training FLOPs (forward + backward, no recomputation) for this batch; feeds MFU."""
-        ids = batch["input_ids"]  # (B, L); L caps Mamba-2's SSD chunk length in the formula
-        return flops_per_token(self.model.config, seq_len=ids.shape[-1]) * ids.numel()
+        """Training FLOPs (forward + backward, no recomputation) for this batch; feeds MFU.
+
+        Composer passes the whole batch as the loader gives it, {"words": (B, L + 1)} (the model
+        sees L tokens per window), or a decoded one with input_ids (B, L).
+        """
+        batch_size, seq_len = batch["input_ids"].shape if "input_ids" in batch else \
+            (batch["words"].shape[0], batch["words"].shape[1] - 1)
+        # L also caps Mamba-2's SSD chunk length in the formula.
+        return flops_per_token(self.model.config, seq_len=seq_len) * batch_size * seq_len

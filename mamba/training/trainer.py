@@ -63,9 +63,12 @@ def train(cfg: TrainConfig) -> Trainer:
         max_duration=t.max_duration,
         device=device,
         precision=resolve_precision(t.precision, device),
-        # Composer splits each rank's per_rank_batch into micro batches of this size, scales each
-        # micro batch's mean loss by micro/per_rank and sums the gradients before one optimizer step.
+        # Composer splits each rank's per_rank_batch into micro batches of this size and sums their
+        # gradients before one optimizer step, each micro batch's mean loss scaled by its share of
+        # the step's loss-bearing tokens (over all ranks): the step's loss is the exact mean over
+        # its counted tokens however loss masks fall (mamba.data.loader.count_tokens).
         device_train_microbatch_size=t.micro_batch_size,
+        accumulate_train_batch_on_tokens=True,
         parallelism_config=build_parallelism(cfg.fsdp, device, world_size),
         # gradient clipping, the grad-norm log and the NaN/Inf guard are one callback (callbacks.py)
         callbacks=build_callbacks(cfg, device, resolve_precision(t.precision, device)),

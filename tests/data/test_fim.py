@@ -8,6 +8,7 @@ import pytest
 
 from mamba import layout
 from mamba.data.dataset import PackedSource
+from mamba.data.dataset import decode_windows
 from mamba.data.fim import fim_window
 from mamba.data.loader import MixtureStream
 from mamba.data.pack import pack
@@ -121,7 +122,7 @@ def test_fim_rates_and_determinism(source):
 
 def test_stream_applies_fim_and_needs_sentinels(source, tmp_path):
     stream = MixtureStream([source], [1], batch_size=2, seed=0, shuffle=False, rank=0, world_size=1, fim_rate=1.0)
-    batch = stream.batch(np.arange(2))
+    batch = decode_windows(stream.batch(np.arange(2))["words"])
     assert (batch["input_ids"] == PRE).any() and (batch["labels"] == MID).any()
     assert batch["input_ids"].shape == (2, 4096)
     plain = tmp_path / "plain"

@@ -50,7 +50,7 @@ def by_sample(batches: list[dict], start: int, rank: int, world_size: int) -> di
     """Rows of one rank's consecutive batches keyed by the global sample they must hold."""
     rows, j = {}, 0
     for batch in batches:
-        for row in range(len(batch["input_ids"])):
+        for row in range(len(batch["words"])):
             rows[start + rank + j * world_size] = tuple(torch.cat([batch[k][row] for k in sorted(batch)]).tolist())
             j += 1
     return rows
@@ -107,9 +107,9 @@ def test_workers_reassemble_the_same_order(dirs):
 def test_eval_loader_one_deterministic_pass(dirs):
     cfg = DataConfig(sources=[{"path": str(dirs[0])}], seq_len=SEQ, num_workers=0,
                      eval_sources=[{"path": str(d), "weight": w} for d, w in zip(dirs, (2, 1))])
-    loader = build_eval_dataloader(cfg, batch_size=5, vocab_size=258)
+    loader = build_eval_dataloader(cfg, batch_size=5, vocab_size=258).dataloader
     first, second = list(loader), list(loader)
-    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, second))
+    assert all(torch.equal(a["words"], b["words"]) for a, b in zip(first, second))
     n0, n1 = (len(PackedSource(d, SEQ)) for d in dirs)
     # Weights 2:1 interleave as json, mime, json | json, mime, json | ... The pass ends where a
     # source would need a window past its last: mime's n1-th sample is g = 3 * n1 + 1, json's
@@ -119,7 +119,7 @@ def test_eval_loader_one_deterministic_pass(dirs):
     # In file order, no shuffle: samples 0..4 are json 0, mime 0, json 1, json 2, mime 1.
     json0, mime0 = (decode_windows(PackedSource(d, SEQ).read(np.arange(3)))["input_ids"] for d in dirs)
     expected = torch.stack([json0[0], mime0[0], json0[1], json0[2], mime0[1]])
-    assert torch.equal(first[0]["input_ids"], expected)
+    assert torch.equal(decode_windows(first[0]["words"])["input_ids"], expected)
     assert build_eval_dataloader(DataConfig(sources=cfg.sources), 5, 258) is None
 
 
@@ -164,7 +164,7 @@ class RecordBatches(Callback):
         self.inputs, self.losses = [], []
 
     def batch_start(self, state, logger):
-        self.inputs.append(state.batch["input_ids"].clone())
+        self.inputs.append(state.batch["words"].clone())  # the whole batch, before the device decode
 
     def batch_end(self, state, logger):
         self.losses.append(float(state.loss))
@@ -176,12 +176,12 @@ def fit(dirs, tmp_path: Path, duration: str, load_path: str | None = None) -> tu
     cfg = DataConfig(sources=[{"path": str(d), "weight": w} for d, w in zip(dirs, (3, 1))], seq_len=SEQ, num_workers=0)
     loader = build_train_dataloader(cfg, batch_size=4, vocab_size=258, seed=3)
     read = []  # global samples the stream was asked for: proves nothing before the resume point
-    original = loader.dataset.batch
+    original = loader.dataloader.dataset.batch
 
     def recording_batch(g):
         read.extend(g.tolist())
         return original(g)
-    loader.dataset.batch = recording_batch
+    loader.dataloader.dataset.batch = recording_batch
     record = RecordBatches()
     trainer = Trainer(model=model, train_dataloader=loader, max_duration=duration, device="cpu", precision="fp32",
                       device_train_microbatch_size=2,
@@ -211,9 +211,9 @@ def test_collate_rows_reuses_whole_batches_and_stacks_the_rest(dirs):
     samples = iter(s)
     rows = [next(samples) for _ in range(4)]  # the 4 rows of the stream's first batch
     whole = collate_rows(rows)
-    assert whole["input_ids"].shape == (4, SEQ) and whole["input_ids"].data_ptr() == rows[0]["input_ids"].data_ptr()
+    assert whole["words"].shape == (4, SEQ + 1) and whole["words"].data_ptr() == rows[0]["words"].data_ptr()
     expected = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
     assert all(torch.equal(whole[k], expected[k]) for k in expected)
     shuffled = collate_rows(rows[::-1])  # not the rows of one tensor in order: a real stack
-    assert torch.equal(shuffled["labels"], expected["labels"].flip(0))
-    assert shuffled["labels"].data_ptr() != whole["labels"].data_ptr()
+    assert torch.equal(shuffled["words"], expected["words"].flip(0))
+    assert shuffled["words"].data_ptr() != whole["words"].data_ptr()

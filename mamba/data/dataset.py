@@ -94,22 +94,27 @@ class PackedSource:
     def __len__(self) -> int:
         return int(self._window_ends[-1])
 
-    def read(self, windows: np.ndarray) -> np.ndarray:
+    def read(self, windows: np.ndarray, out: np.ndarray | None = None, rows: np.ndarray | None = None) -> np.ndarray:
         """Copy the given windows (int array of indices < len(self)) out of the memmaps.
 
         Returns (len(windows), seq_len + 1) int32 layout words; raises on a corrupt (negative) word.
+        With `out` (an (N, seq_len + 1) int32 array) the windows go straight into its rows `rows`
+        (default 0, 1, ...) and `out` is returned: a batch is copied once, not gathered twice.
         """
         windows = np.asarray(windows, dtype=np.int64)
         if windows.size and (windows.min() < 0 or windows.max() >= len(self)):
             raise IndexError(f"{self.data_dir}: window index out of range 0..{len(self) - 1}: {windows}")
         shards = np.searchsorted(self._window_ends, windows, side="right")
         starts = (windows - self._window_starts[shards]) * self.seq_len  # first word of each window
-        out = np.empty((len(windows), self.seq_len + 1), dtype=np.int32)
-        for row, (shard, start) in enumerate(zip(shards.tolist(), starts.tolist())):
+        if out is None:
+            out = np.empty((len(windows), self.seq_len + 1), dtype=np.int32)
+        filled = range(len(windows)) if rows is None else rows.tolist()
+        for row, shard, start in zip(filled, shards.tolist(), starts.tolist()):
             out[row] = self._shard(shard)[start:start + self.seq_len + 1]
-        if out.size and out.min() < 0:  # one cheap pass; name the shard only when something is wrong
-            for row in np.flatnonzero(out.min(axis=1) < 0).tolist():
-                layout.check_words(out[row], f"{self.shard_paths[shards[row]]} (window {windows[row]})")
+        # One cheap pass over the copy (a corrupt shard has bit 31 set); name the shard if so.
+        if out.size and (out if rows is None else out[rows]).min() < 0:
+            for i, row in enumerate(filled):
+                layout.check_words(out[row], f"{self.shard_paths[shards[i]]} (window {windows[i]})")
         return out
 
     def _shard(self, k: int) -> np.ndarray:

@@ -9,7 +9,8 @@ ranks with any batch split continues at that g, repeating and skipping nothing, 
 the batches before it.
 
 With num_workers = K > 0, worker w of a rank builds that rank's batches w, w + K, w + 2K, ...;
-torch's DataLoader takes batches from its workers round-robin, so they arrive in order.
+torch's DataLoader (batch_size=None: the stream yields whole batches) takes batches from its
+workers round-robin, so they arrive in order.
 
 Batches leave the loader as the packed int32 words themselves, {"words": (B, seq_len + 1)}:
 `as_data_spec` has Composer decode them into input_ids / labels / position_ids on the device, per
@@ -100,10 +101,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         while batches is None or i < batches:
             # Rank-local samples j of batch i are global samples start + rank + j * world_size.
             j = np.arange(i * self.batch_size, (i + 1) * self.batch_size, dtype=np.int64)
-            batch = self.batch(self.start + self.rank + j * self.world_size)
-            rows = {key: value.unbind(0) for key, value in batch.items()}  # B views per key
-            for row in range(self.batch_size):  # the DataLoader stacks these B rows back together
-                yield {key: value[row] for key, value in rows.items()}
+            yield self.batch(self.start + self.rank + j * self.world_size)  # whole: batch_size=None
             i += workers
 
     def batch(self, g: np.ndarray) -> dict[str, torch.Tensor]:
@@ -121,7 +119,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
                 if e > 0 and (within[in_epoch] == 0).any():
                     first = int(g[rows[in_epoch & (within == 0)][0]])
                     log.info("source %s starts epoch %d at global sample %d", self.sources[s].data_dir, e + 1, first)
-            words[rows] = self.sources[s].read(windows)
+            self.sources[s].read(windows, out=words, rows=None if len(rows) == len(g) else rows)
         if self.fim_rate > 0:
             for row in range(len(g)):
                 words[row] = fim_window(words[row], int(g[row]), self.seed, self.fim_rate, self.fim_spm_rate,
@@ -206,7 +204,7 @@ def build_train_dataloader(cfg: DataConfig, batch_size: int, vocab_size: int, se
             log.info("source %s: %d windows of %d tokens (%d tokens dropped), %d of every %d samples",
                      source.data_dir, len(source), cfg.seq_len, source.dropped_tokens,
                      period.counts[s], period.period)
-    return as_data_spec(_loader(stream, cfg.num_workers))
+    return as_data_spec(stream_loader(stream, cfg.num_workers))
 
 
 def build_eval_dataloader(cfg: DataConfig, batch_size: int, vocab_size: int) -> DataSpec | None:
@@ -233,26 +231,11 @@ def build_eval_dataloader(cfg: DataConfig, batch_size: int, vocab_size: int) -> 
         log.info("eval pass of %d windows (%d left out of the last global batch)", length, available - length)
     stream = MixtureStream(sources, weights, batch_size, seed=0, shuffle=False, rank=dist.get_global_rank(),
                            world_size=dist.get_world_size(), length=length)
-    return as_data_spec(_loader(stream, cfg.num_workers))
+    return as_data_spec(stream_loader(stream, cfg.num_workers))
 
 
-def collate_rows(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack B sample dicts into a batch. Rows that are, in order, all the rows of one tensor (as
-    MixtureStream yields them) give back that tensor without a copy; anything else is stacked."""
-    batch = {}
-    for key in rows[0]:
-        views = [row[key] for row in rows]
-        base = views[0]._base
-        whole = (base is not None and base.is_contiguous() and base.shape[0] == len(views)
-                 and all(v._base is base and v.storage_offset() == i * base.stride(0) for i, v in enumerate(views)))
-        batch[key] = base if whole else torch.stack(views)
-    return batch
-
-
-def _loader(stream: MixtureStream, num_workers: int) -> torch.utils.data.DataLoader:
-    # The stream decodes a whole batch at once (vectorised) and yields its rows; the DataLoader
-    # regroups each B consecutive rows of a worker, which are exactly one of the stream's batches,
-    # and collate_rows hands that batch on without copying it again.
-    return torch.utils.data.DataLoader(stream, batch_size=stream.batch_size, num_workers=num_workers,
-                                       collate_fn=collate_rows, pin_memory=torch.cuda.is_available(),
-                                       persistent_workers=num_workers > 0)
+def stream_loader(stream: MixtureStream, num_workers: int) -> torch.utils.data.DataLoader:
+    # batch_size=None: the stream builds each batch whole (one copy out of the memmaps) and the
+    # DataLoader passes it on as it is, instead of splitting it into rows and stacking them again.
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)

@@ -54,7 +54,8 @@ def train(cfg: TrainConfig) -> Trainer:
         model=model,
         train_dataloader=train_loader,
         # Eval loss and perplexity (Composer's metrics on ComposerMambaLM.eval_forward's logits).
-        **({} if eval_loader is None else dict(eval_dataloader=Evaluator(label="eval", dataloader=eval_loader),
+        **({} if eval_loader is None else dict(eval_dataloader=Evaluator(label="eval", dataloader=eval_loader,
+                                                                  device_eval_microbatch_size=t.micro_batch_size),
                                                 eval_interval=t.eval_interval,
                                                 eval_subset_num_batches=t.eval_subset_num_batches)),
         optimizers=build_optimizer(model, cfg.optimizer, device),

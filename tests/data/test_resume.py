@@ -11,7 +11,7 @@ from composer.utils import reproducibility
 
 from mamba.config.schema import DataConfig
 from mamba.data.dataset import PackedSource, decode_windows
-from mamba.data.loader import MixtureStream, build_eval_dataloader, build_train_dataloader, collate_rows
+from mamba.data.loader import MixtureStream, build_eval_dataloader, build_train_dataloader
 from mamba.data.pack import pack
 from mamba.model.composer_model import ComposerMambaLM
 from mamba.model.lm import MambaConfig, MambaLMHeadModel
@@ -42,7 +42,7 @@ def stream(dirs, rank=0, world_size=1, batch_size=4, fim_rate=0.0):
 
 def take(stream, n):
     """The first n batches of `stream` (a MixtureStream: batches of stream.batch_size rows)."""
-    batches = iter(torch.utils.data.DataLoader(stream, batch_size=stream.batch_size))
+    batches = iter(stream)
     return [next(batches) for _ in range(n)]
 
 
@@ -97,8 +97,8 @@ def test_workers_reassemble_the_same_order(dirs):
     s = stream(dirs, rank=1, world_size=2, batch_size=3)
     s.load_state_dict(s.state_dict(6, True))
     expected = take(s, 7)
-    # Real worker processes, with the loader's own collate (which hands whole batches on uncopied).
-    batches = iter(torch.utils.data.DataLoader(s, batch_size=3, num_workers=2, collate_fn=collate_rows))
+    # Real worker processes, each building whole batches, as the training loader runs them.
+    batches = iter(torch.utils.data.DataLoader(s, batch_size=None, num_workers=2))
     got = [next(batches) for _ in range(7)]
     for a, b in zip(expected, got):
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -204,16 +204,3 @@ def test_composer_resume_consumes_the_same_samples_without_spinning(dirs, tmp_pa
     for a, b in zip(whole.inputs[3:], resumed.inputs):
         assert torch.equal(a, b)
     assert resumed.losses == whole.losses[3:]
-
-
-def test_collate_rows_reuses_whole_batches_and_stacks_the_rest(dirs):
-    s = stream(dirs, batch_size=4)
-    samples = iter(s)
-    rows = [next(samples) for _ in range(4)]  # the 4 rows of the stream's first batch
-    whole = collate_rows(rows)
-    assert whole["words"].shape == (4, SEQ + 1) and whole["words"].data_ptr() == rows[0]["words"].data_ptr()
-    expected = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-    assert all(torch.equal(whole[k], expected[k]) for k in expected)
-    shuffled = collate_rows(rows[::-1])  # not the rows of one tensor in order: a real stack
-    assert torch.equal(shuffled["words"], expected["words"].flip(0))
-    assert shuffled["words"].data_ptr() != whole["words"].data_ptr()

@@ -105,6 +105,7 @@ def test_sharded_fsdp2_checkpoint_exports(trained):
     trainer = Trainer(
         model=composer_model, train_dataloader=build_train_dataloader(cfg.data, 2, cfg.model.vocab_size, 0),
         optimizers=torch.optim.AdamW(composer_model.parameters(), lr=1e-3), max_duration="1ba", device="cpu",
+        device_train_microbatch_size=2,
         parallelism_config=ParallelismConfig(fsdp2=FSDP2Config(state_dict_type="sharded")),
         save_folder=str(sharded), save_interval="1ba", progress_bar=False)
     trainer.fit()

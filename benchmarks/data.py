@@ -18,13 +18,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mamba import layout
-from mamba.data.dataset import PackedSource, decode_windows
-from mamba.data.loader import MixtureStream, stream_loader
 from mamba.data.mixture import WindowShuffle
 from mamba.data.pack import ShardWriter, write_index
+
+# torch and the loader (which imports Composer) are imported inside bench_loader only: pack's
+# worker processes are spawned and re-import this module, and importing torch and Composer in
+# each of them costs seconds, which the 2-worker pack rate would otherwise include.
 
 SEQ_LEN, BATCH = 4096, 56  # the default recipe's per-rank batch: 896 windows over 2 nodes x 8 GPUs
 TOKENS = 1 << 25  # 32M tokens = 128 MiB of shards
@@ -42,8 +43,11 @@ def _best_rate(fn, tokens_per_call: int, seconds: float = 2.0) -> float:
     return tokens_per_call / best
 
 
-def _write_source(root: Path) -> PackedSource:
-    """Documents of 100..8000 tokens with a 50,280-entry vocabulary, as tools/pack.py lays them out."""
+def _write_source(root: Path):
+    """Documents of 100..8000 tokens with a 50,280-entry vocabulary, as tools/pack.py lays them
+    out, opened as a PackedSource and read once into the page cache."""
+    from mamba.data.dataset import PackedSource
+
     rng = np.random.default_rng(0)
     lengths = rng.integers(100, 8000, size=TOKENS // 4000)
     lengths = lengths[: np.searchsorted(np.cumsum(lengths), TOKENS)]
@@ -66,6 +70,11 @@ def _write_source(root: Path) -> PackedSource:
 
 def bench_loader() -> list[tuple[str, float, str]]:
     """Rows of (what, tokens/s, note), all on one core; main() prints every bench_* function's rows."""
+    import torch
+
+    from mamba.data.dataset import decode_windows
+    from mamba.data.loader import MixtureStream, stream_loader
+
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -109,9 +109,9 @@ def main(argv: list[str] | None = None) -> None:
         executor = submitit.LocalExecutor(folder=args.logs)
         executor.update_parameters(timeout_min=args.time, nodes=1, tasks_per_node=1)
     else:
-        executor = submitit.AutoExecutor(folder=args.logs, cluster="slurm")
+        executor = submitit.AutoExecutor(folder=args.logs, cluster="slurm", slurm_max_num_timeout=args.max_requeues)
         params = {"timeout_min": args.time, "nodes": args.nodes, "tasks_per_node": 1,
-                  "slurm_signal_delay_s": 120, "slurm_max_num_timeout": args.max_requeues,
+                  "slurm_signal_delay_s": 120,
                   "slurm_additional_parameters": {"requeue": True}}
         if args.gpus_per_node:
             params["gpus_per_node"] = args.gpus_per_node
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     job = executor.submit(Launch(config, args.overrides, procs))
     print(f"submitted job {job.job_id}; logs in {args.logs}")
     if args.wait:
-        print(f"job {job.job_id} finished: exit code {job.result()}")
+        print(f"job {job.job_id} finished: exit code {max(job.results())}")  # one result per node
 
 
 if __name__ == "__main__":

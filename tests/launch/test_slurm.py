@@ -5,7 +5,8 @@ rank each, the tiny config on packed stdlib text.
   B  the same job, interrupted mid-run with USR1 to the batch script (exactly what
      `--signal=B:USR1@120` delivers before the time limit): slurm.sh's trap stops the training
      step and runs `scontrol requeue`; Slurm restarts the job (SLURM_RESTART_COUNT=1), which
-     autoresumes from its newest checkpoint and must end with exactly A's final loss.
+     autoresumes from its newest checkpoint and must end with exactly A's final loss;
+  C  the same through tools/submit.py (submitit), preempted with USR2: same final loss as A.
 
 Skipped, with the reason, only where Slurm cannot be installed here (not root, or no apt-get).
 """
@@ -123,3 +124,28 @@ def test_usr1_requeues_and_the_job_resumes_to_the_same_loss(cluster, whole):
     assert rows == list(range(1, BATCHES + 1)), rows
     requeued = losses(cluster, "requeued")
     assert requeued[BATCHES] == whole[BATCHES], json.dumps({"whole": whole, "requeued": requeued})
+
+
+def test_submitit_launch_is_preempted_requeued_and_resumes_to_the_same_loss(cluster, whole):
+    """tools/submit.py on the same 2 nodes: USR2 (what submitit's --signal delivers before the
+    time limit) makes its checkpoint hook stop the ranks (they save) and requeue the job, which
+    autoresumes and must end with exactly A's final loss."""
+    proc = subprocess.Popen(
+        [sys.executable, "tools/submit.py", str(cluster / "tiny.yaml"), "run_name=submitit", "--nodes", "2",
+         "--gpus-per-node", "0", "--procs-per-node", "1", "--cpus-per-task", "1", "--time", "10",
+         "--logs", str(cluster / "submitit-logs"), "--wait"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: any("ba4" in n for n in checkpoints(cluster, "submitit")), "the first checkpoint")
+        job = next(p.name.split("_")[0] for p in (cluster / "submitit-logs").glob("*_submitted.pkl"))
+        sh("scancel", "--signal=USR2", job)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    logs = "\n".join(p.read_text() for p in sorted((cluster / "submitit-logs").glob("*_log.*")))
+    assert proc.returncode == 0 and "finished: exit code 0" in out, f"{out[-3000:]}\n{logs[-4000:]}"
+    assert "Calling checkpoint method" in logs and "Requeued job" in logs, logs[-4000:]
+    assert "stopping after batch" in logs and "Autoresuming training from checkpoint" in logs, logs[-4000:]
+    rows = [r["batch"] for r in read_metrics(str(cluster / "submitit" / "metrics.jsonl")) if "loss/train/total" in r]
+    assert rows == list(range(1, BATCHES + 1)), rows
+    assert losses(cluster, "submitit")[BATCHES] == whole[BATCHES]

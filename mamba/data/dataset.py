@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mamba import layout
-from mamba.data.pack import INDEX_NAME, sha256_file
+from mamba.data.manifest import INDEX_NAME, sha256_file
 
 IGNORE_INDEX = -100  # label value that torch's cross_entropy skips
 FIM_SENTINELS = ("fim_prefix", "fim_middle", "fim_suffix")

@@ -1,4 +1,5 @@
-"""The packed dataset's manifest (index.json) and the atomic file writing both sides rely on.
+"""The packed dataset's manifest (index.json), the atomic file writing both sides rely on, and the
+state of an output directory between runs of the pack tool (resume journal, leftovers).
 
 index.json, written last (its presence means every shard is in place):
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -28,6 +30,7 @@ INDEX_NAME = "index.json"
 TOKENIZER_NAME = "tokenizer.json"
 SHARD_NAME = "shard_{:05d}.npy"
 PROGRESS_NAME = ".pack_progress.json"  # the resume journal; removed when packing completes
+SPLITS = ("train", "val")  # subdirectories written with a validation fraction
 
 
 def write_atomic(path: Path, write: Callable) -> None:
@@ -84,3 +87,50 @@ def read_index(data_dir: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{data_dir}: not a complete packed dataset, {INDEX_NAME} is missing{hint}; "
                                 f"run tools/pack.py (index.json is written last, when every shard is in place)")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def run_fingerprint(sources: list[str], options: dict) -> dict:
+    """What a resumed run must share with the interrupted one: inputs (size, mtime) and options."""
+    stats = []
+    for s in sources:
+        p = Path(s)
+        st = p.stat() if p.is_file() else None
+        stats.append([s, st.st_size if st else None, st.st_mtime_ns if st else None])
+    return {"inputs": stats, **options}
+
+
+def prepare_out_dir(out: Path, fingerprint: dict, split_dirs: list[Path]) -> dict | None:
+    """Make `out` ready. Returns the progress journal of an interrupted run with the same
+    fingerprint (to resume); otherwise removes such leftovers (shards, tokenizer.json, temporary
+    files, journal; never anything else) and returns None."""
+    journal = out / PROGRESS_NAME
+    if journal.is_file():
+        state = json.loads(journal.read_text())
+        if state.get("fingerprint") == fingerprint:
+            # Killed between val's and train's index.json: val's is rewritten, identical, at the end.
+            for d in split_dirs:
+                (d / INDEX_NAME).unlink(missing_ok=True)
+            return state
+    if any((d / INDEX_NAME).exists() for d in split_dirs):
+        raise FileExistsError(f"{out} already holds a packed dataset ({INDEX_NAME}); remove it or choose another --out")
+
+    def ours(p: Path) -> bool:
+        return (p.name.startswith("shard_") and p.name.endswith(".npy")) or p.name in (TOKENIZER_NAME, PROGRESS_NAME) \
+            or (p.name.startswith(".") and ".tmp" in p.name)
+
+    if out.is_dir():
+        entries = list(out.iterdir())
+        subdirs = [p for p in entries if p.is_dir() and p.name in SPLITS]
+        foreign = [p.name for p in entries if p not in subdirs and not ours(p)]
+        foreign += [f"{d.name}/{p.name}" for d in subdirs for p in d.iterdir() if not ours(p)]
+        if foreign:
+            raise FileExistsError(f"{out}: output directory is not empty ({', '.join(sorted(foreign)[:5])} ...); "
+                                  f"pack into a new or empty directory")
+        for d in subdirs:
+            shutil.rmtree(d)
+        for p in entries:
+            if p not in subdirs:
+                p.unlink()
+    for d in split_dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    return None

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import multiprocessing
 import os
-import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -36,8 +34,8 @@ import numpy as np
 
 from mamba import layout
 from mamba.data import readers
-from mamba.data.manifest import (INDEX_NAME, PROGRESS_NAME, SHARD_NAME, TOKENIZER_NAME, sha256_file,
-                                 write_atomic, write_index, write_json_atomic)
+from mamba.data.manifest import (INDEX_NAME, PROGRESS_NAME, SHARD_NAME, SPLITS, TOKENIZER_NAME, prepare_out_dir,
+                                 run_fingerprint, sha256_file, write_atomic, write_index, write_json_atomic)
 from mamba.data.readers import DEFAULT_INCLUDE, BadInputError, collect_inputs
 from mamba.data.tokenizer import SPECIAL_CANDIDATES, load_tokenizer
 
@@ -49,7 +47,6 @@ DEFAULT_SHARD_TOKENS = 1 << 24  # 64 MiB of int32 per shard
 # chunk's token lists (~28 bytes per Python int) stay a few hundred MiB.
 BATCH_BYTES = 8 << 20
 POLICIES = ("fail", "skip")
-SPLITS = ("train", "val")
 
 
 def encode_documents(docs: list, bos_id: int | None, eos_id: int | None) -> np.ndarray:
@@ -207,53 +204,6 @@ def iter_chunks(sources: list[str], text_field, on_bad_input: str, skipped: list
         yield chunk
 
 
-def _fingerprint(sources: list[str], options: dict) -> dict:
-    """What a resumed run must share with the interrupted one: inputs (size, mtime) and options."""
-    stats = []
-    for s in sources:
-        p = Path(s)
-        st = p.stat() if p.is_file() else None
-        stats.append([s, st.st_size if st else None, st.st_mtime_ns if st else None])
-    return {"inputs": stats, **options}
-
-
-def _prepare_out_dir(out: Path, fingerprint: dict, split_dirs: list[Path]) -> dict | None:
-    """Make `out` ready. Returns the progress journal of an interrupted run with the same
-    fingerprint (to resume); otherwise removes such leftovers (shards, tokenizer.json, temporary
-    files, journal; never anything else) and returns None."""
-    journal = out / PROGRESS_NAME
-    if journal.is_file():
-        state = json.loads(journal.read_text())
-        if state.get("fingerprint") == fingerprint:
-            # Killed between val's and train's index.json: val's is rewritten, identical, at the end.
-            for d in split_dirs:
-                (d / INDEX_NAME).unlink(missing_ok=True)
-            return state
-    if any((d / INDEX_NAME).exists() for d in split_dirs):
-        raise FileExistsError(f"{out} already holds a packed dataset ({INDEX_NAME}); remove it or choose another --out")
-
-    def ours(p: Path) -> bool:
-        return (p.name.startswith("shard_") and p.name.endswith(".npy")) or p.name in (TOKENIZER_NAME, PROGRESS_NAME) \
-            or (p.name.startswith(".") and ".tmp" in p.name)
-
-    if out.is_dir():
-        entries = list(out.iterdir())
-        subdirs = [p for p in entries if p.is_dir() and p.name in SPLITS]
-        foreign = [p.name for p in entries if p not in subdirs and not ours(p)]
-        foreign += [f"{d.name}/{p.name}" for d in subdirs for p in d.iterdir() if not ours(p)]
-        if foreign:
-            raise FileExistsError(f"{out}: output directory is not empty ({', '.join(sorted(foreign)[:5])} ...); "
-                                  f"pack into a new or empty directory")
-        for d in subdirs:
-            shutil.rmtree(d)
-        for p in entries:
-            if p not in subdirs:
-                p.unlink()
-    for d in split_dirs:
-        d.mkdir(parents=True, exist_ok=True)
-    return None
-
-
 def _tokenizer_file(tok) -> Path | None:
     return None if tok.identity["kind"] == "byte" else Path(tok.identity["path"])
 
@@ -290,8 +240,8 @@ def pack(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, tokeni
     options = {"tokenizer": tokenizer, "tokenizer_sha256": tok and tok.identity["sha256"], "shard_tokens": shard_tokens,
                "on_bad_input": on_bad_input, "eos": eos, "text_field": text_field, "add_bos": add_bos,
                "add_eos": add_eos, "val_fraction": val_fraction, "seed": seed, "chunk_bytes": chunk_bytes}
-    fingerprint = _fingerprint(sources, options)
-    state = _prepare_out_dir(out, fingerprint, list(dirs.values()))
+    fingerprint = run_fingerprint(sources, options)
+    state = prepare_out_dir(out, fingerprint, list(dirs.values()))
     journal = out / PROGRESS_NAME
     try:
         if tok is None:

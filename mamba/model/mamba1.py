@@ -30,6 +30,17 @@ from mamba.model.ops.causal_conv1d import causal_conv1d
 from mamba.model.ops.selective_scan import selective_scan
 
 
+@torch.no_grad()
+def init_dt_bias(bias: torch.Tensor, dt_min: float, dt_max: float, floor: float) -> None:
+    """Fill a dt bias (one value per channel or head) as mamba-ssm does for Mamba-1 and Mamba-2:
+    dt = exp(U(log dt_min, log dt_max)), floored, stored as softplus^-1(dt) so that
+    softplus(dt_input + bias) starts near dt (Gu & Dao 2023, Sec. 3.6 / App. E.2)."""
+    lo, hi = math.log(dt_min), math.log(dt_max)
+    u = torch.rand(bias.shape, device=bias.device, dtype=torch.float32)
+    dt = torch.exp(u * (hi - lo) + lo).clamp(min=floor)
+    bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+
+
 class Mamba(nn.Module):
     """Mamba-1 mixer: (batch, L, d_model) -> (batch, L, d_model).
 
@@ -98,14 +109,8 @@ class Mamba(nn.Module):
         # dt_proj.weight ~ U(-R^-0.5, R^-0.5): keeps dt_proj's output O(1) at init.
         bound = self.dt_rank**-0.5
         nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+        init_dt_bias(self.dt_proj.bias, self.dt_min, self.dt_max, self.dt_init_floor)
         with torch.no_grad():
-            # dt = exp(U(log dt_min, log dt_max)), floored; bias = softplus^-1(dt) so that
-            # softplus(dt_proj(x) + bias) starts near dt (Gu & Dao 2023, Sec. 3.6 / App. E.2).
-            device = self.dt_proj.bias.device
-            log_lo, log_hi = math.log(self.dt_min), math.log(self.dt_max)
-            u = torch.rand(self.d_inner, device=device, dtype=torch.float32)
-            dt = torch.exp(u * (log_hi - log_lo) + log_lo).clamp(min=self.dt_init_floor)
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
             # S4D-Real init: A[:, n] = -(n + 1) for every channel (Gu et al. 2022, "On the
             # Parameterization and Initialization of Diagonal State Space Models").
             n = torch.arange(1, self.d_state + 1, device=self.A_log.device, dtype=torch.float32)

@@ -14,12 +14,12 @@ Per token, with E = d_inner = expand * d_model, H = nheads = E / headdim, G = ng
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mamba.model.mamba1 import init_dt_bias
 from mamba.model.ops import kernels
 from mamba.model.ops.causal_conv1d import causal_conv1d
 from mamba.model.ops.rms_norm import RMSNormGated
@@ -99,12 +99,8 @@ class Mamba2(nn.Module):
                 nn.init.zeros_(linear.bias)  # mamba-ssm `_init_weights`
         self.conv1d.reset_parameters()
         self.norm.reset_parameters()
+        init_dt_bias(self.dt_bias, self.dt_min, self.dt_max, self.dt_init_floor)  # one dt per head
         with torch.no_grad():
-            # dt = exp(U(log dt_min, log dt_max)) floored, stored as softplus^-1(dt) (Mamba-1's rule).
-            lo, hi = math.log(self.dt_min), math.log(self.dt_max)
-            dt = torch.exp(torch.rand(self.nheads, device=self.dt_bias.device) * (hi - lo) + lo)
-            dt = dt.clamp(min=self.dt_init_floor)
-            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
             # One decay rate per head, A ~ U(A_init_range), stored as log A (A = -exp(A_log)).
             self.A_log.copy_(torch.empty_like(self.A_log).uniform_(*self.A_init_range).log())
             self.D.fill_(1.0)

@@ -25,9 +25,11 @@ PANELS = ["loss", "learning rate", "tokens/s per device"]
 
 def curves(rows: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
     """key -> (batches, values), one value per batch (the last line for it), in batch order."""
+    from mamba.training.metrics_file import series  # sys.path is set in __main__
+
     out = {}
     for key, _, _ in CURVES:
-        points = {r["batch"]: r[key] for r in rows if key in r}
+        points = series(rows, key)
         if points:
             xs = sorted(points)
             out[key] = (xs, [points[x] for x in xs])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from mamba.training.metrics_file import read_metrics
+from mamba.training.metrics_file import read_metrics, series
 
 REPO = Path(__file__).resolve().parents[2]
 BATCHES = 16
@@ -82,8 +82,7 @@ def wait_done(job: int, log: Path) -> None:
 
 def losses(work: Path, run_name: str) -> dict[int, float]:
     """Batch -> loss, the last logged value of each batch (a resumed run logs its batches again)."""
-    rows = read_metrics(str(work / run_name / "metrics.jsonl"))
-    return {r["batch"]: r["loss/train/total"] for r in rows if "loss/train/total" in r}
+    return series(read_metrics(str(work / run_name / "metrics.jsonl")), "loss/train/total")
 
 
 def checkpoints(work: Path, run_name: str) -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mamba.training.metrics_file import read_metrics
+from mamba.training.metrics_file import read_metrics, series
 
 REPO = Path(__file__).resolve().parents[2]
 BATCHES = 16
@@ -56,8 +56,7 @@ def finish(proc: subprocess.Popen, work: Path, run_name: str) -> str:
 
 
 def losses(work: Path, run_name: str) -> dict[int, float]:
-    rows = read_metrics(str(work / run_name / "metrics.jsonl"))
-    return {r["batch"]: r["loss/train/total"] for r in rows if "loss/train/total" in r}
+    return series(read_metrics(str(work / run_name / "metrics.jsonl")), "loss/train/total")
 
 
 def test_local_submission_trains_and_a_preempted_one_resumes_to_the_same_loss(work):

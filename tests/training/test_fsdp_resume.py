@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from mamba.training.metrics_file import read_metrics
+from mamba.training.metrics_file import read_metrics, series
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSER = Path(sys.executable).parent / "composer"
@@ -70,8 +70,7 @@ def launch(config: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 def logged(config: Path, run_name: str, key: str) -> dict[int, float]:
     """{batch: value} of one metric from a run's metrics.jsonl."""
-    rows = read_metrics(str(config.parent / run_name / "metrics.jsonl"))
-    return {r["batch"]: r[key] for r in rows if key in r}
+    return series(read_metrics(str(config.parent / run_name / "metrics.jsonl")), key)
 
 
 def losses(config: Path, run_name: str) -> dict[int, float]:

@@ -9,7 +9,6 @@ Needs matplotlib (`pip install -e .[monitor]`).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -41,6 +40,7 @@ def plot(metrics_path: Path, out_path: Path) -> None:
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
+    from mamba.files import write_atomic
     from mamba.training.metrics_file import read_metrics
 
     data = curves(read_metrics(str(metrics_path)))
@@ -60,10 +60,8 @@ def plot(metrics_path: Path, out_path: Path) -> None:
     axes[-1].set_xlabel("batch")
     fig.suptitle(metrics_path.parent.name or str(metrics_path))
     fig.tight_layout()
-    tmp = out_path.with_name(f".{out_path.name}.tmp.png")  # renamed when complete
-    fig.savefig(tmp, dpi=100)
+    write_atomic(out_path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, out_path)
 
 
 def main(argv: list[str] | None = None) -> None:

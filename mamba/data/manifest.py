@@ -1,5 +1,5 @@
-"""The packed dataset's manifest (index.json), the atomic file writing both sides rely on, and the
-state of an output directory between runs of the pack tool (resume journal, leftovers).
+"""The packed dataset's manifest (index.json) and the state of an output directory between runs
+of the pack tool (resume journal, leftovers).
 
 index.json, written last (its presence means every shard is in place):
 
@@ -22,34 +22,16 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 from mamba import layout
+from mamba.files import write_json_atomic
 
 INDEX_NAME = "index.json"
 TOKENIZER_NAME = "tokenizer.json"
 SHARD_NAME = "shard_{:05d}.npy"
 PROGRESS_NAME = ".pack_progress.json"  # the resume journal; removed when packing completes
 SPLITS = ("train", "val")  # subdirectories written with a validation fraction
-
-
-def write_atomic(path: Path, write: Callable) -> None:
-    """Call write(file) on a temporary file next to `path`, fsync, then rename it to `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    text = json.dumps(obj, indent=1, ensure_ascii=False) + "\n"
-    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def sha256_file(path: Path) -> str:

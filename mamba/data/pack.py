@@ -35,11 +35,12 @@ import numpy as np
 from mamba import layout
 from mamba.data import readers
 from mamba.data.manifest import (INDEX_NAME, PROGRESS_NAME, SHARD_NAME, SPLITS, TOKENIZER_NAME, prepare_out_dir,
-                                 run_fingerprint, sha256_file, write_atomic, write_index, write_json_atomic)
+                                 run_fingerprint, sha256_file, write_index)
 from mamba.data.readers import DEFAULT_INCLUDE, BadInputError, collect_inputs
 from mamba.data.tokenizer import SPECIAL_CANDIDATES, load_tokenizer
+from mamba.files import write_atomic, write_json_atomic
 
-__all__ = ["pack", "ShardWriter", "write_index", "sha256_file", "write_atomic", "INDEX_NAME", "BadInputError",
+__all__ = ["pack", "ShardWriter", "write_index", "sha256_file", "INDEX_NAME", "BadInputError",
            "DEFAULT_INCLUDE", "DEFAULT_SHARD_TOKENS", "POLICIES", "collect_inputs", "encode_documents"]
 
 DEFAULT_SHARD_TOKENS = 1 << 24  # 64 MiB of int32 per shard

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable
 
 from mamba import layout
+from mamba.files import write_atomic
 
 EOS_TOKEN = "<|endoftext|>"
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>")
@@ -158,12 +159,7 @@ def train_bpe(vocab_size: int, texts: Iterable[str], save_path: Path) -> None:
     )
     tok.train_from_iterator(texts, trainer)
     save_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = save_path.with_name(f".{save_path.name}.tmp{os.getpid()}")
-    try:
-        tok.save(str(tmp))
-        os.replace(tmp, save_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(save_path, lambda f: f.write(tok.to_str(pretty=True).encode("utf-8")))  # = tok.save's bytes
 
 
 def load_tokenizer(spec: str, inputs_for_training: Iterable[str] | None = None,

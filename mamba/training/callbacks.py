@@ -115,10 +115,10 @@ class GradientGuard(Callback):
         self.skipped_steps += 1
 
 
-def build_callbacks(cfg: TrainConfig, device: str, precision: str) -> list[Callback]:
-    """Every callback of a run. `device`/`precision` are the resolved ones ("gpu"/"cpu", "amp_bf16"/"fp32")."""
+def build_callbacks(cfg: TrainConfig, device: str, precision: str, save_folder: str) -> list[Callback]:
+    """Every callback of a run. `device`/`precision` are the resolved ones ("gpu"/"cpu",
+    "amp_bf16"/"fp32"), save_folder the run's checkpoint folder ({run_name} substituted)."""
     peak = peak_flops_per_device(cfg.logging.peak_flops_per_device, device, precision)
-    save_folder = cfg.trainer.save_folder.format(run_name=cfg.run_name)
     return [
         SpeedMonitor(window_size=5, gpu_flops_available=peak),
         LRMonitor(),

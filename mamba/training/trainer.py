@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from mamba.config.load import check_world_size, to_dict
 from mamba.config.schema import TrainConfig
 from mamba.data.loader import build_eval_dataloader, build_train_dataloader
+from mamba.files import write_atomic
 from mamba.model.composer_model import ComposerMambaLM
 from mamba.model.factory import build_model
 from mamba.training.callbacks import build_callbacks, build_loggers
@@ -32,6 +32,7 @@ def train(cfg: TrainConfig) -> Trainer:
     dist.initialize_dist(device)  # before the sampler, which needs the world size and rank
     if device == "cpu":
         _limit_cpu_threads()
+    precision = resolve_precision(cfg.trainer.precision, device)
     world_size = dist.get_world_size()
     per_rank_batch = check_world_size(cfg, world_size)
     save_folder = cfg.trainer.save_folder.format(run_name=cfg.run_name)
@@ -63,7 +64,7 @@ def train(cfg: TrainConfig) -> Trainer:
         step_schedulers_every_batch=True,
         max_duration=t.max_duration,
         device=device,
-        precision=resolve_precision(t.precision, device),
+        precision=precision,
         # Composer splits each rank's per_rank_batch into micro batches of this size and sums their
         # gradients before one optimizer step, each micro batch's mean loss scaled by its share of
         # the step's loss-bearing tokens (over all ranks): the step's loss is the exact mean over
@@ -72,7 +73,7 @@ def train(cfg: TrainConfig) -> Trainer:
         accumulate_train_batch_on_tokens=True,
         parallelism_config=build_parallelism(cfg.fsdp, device, world_size),
         # gradient clipping, the grad-norm log and the NaN/Inf guard are one callback (callbacks.py)
-        callbacks=build_callbacks(cfg, device, resolve_precision(t.precision, device)),
+        callbacks=build_callbacks(cfg, device, precision, save_folder),
         loggers=build_loggers(cfg),
         progress_bar=cfg.logging.progress_bar,
         log_to_console=not cfg.logging.progress_bar,
@@ -93,10 +94,8 @@ def train(cfg: TrainConfig) -> Trainer:
 def write_run_config(cfg: TrainConfig, folder: Path) -> None:
     """The resolved config as YAML at <folder>/config.yaml, written to a temp name then renamed."""
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".config.yaml.", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        f.write(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))
-    os.replace(tmp, folder / "config.yaml")
+    text = OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+    write_atomic(folder / "config.yaml", lambda f: f.write(text.encode("utf-8")))
 
 
 def export_final_model(trainer: Trainer, cfg: TrainConfig, out_dir: Path) -> None:

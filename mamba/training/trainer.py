@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from mamba.config.load import check_world_size, to_dict
-from mamba.config.schema import TrainConfig
+from mamba.config.schema import FSDPConfig, TrainConfig
 from mamba.data.loader import build_eval_dataloader, build_train_dataloader
 from mamba.files import write_atomic
 from mamba.model.composer_model import ComposerMambaLM
@@ -40,10 +40,10 @@ def train(cfg: TrainConfig) -> Trainer:
         write_run_config(cfg, Path(save_folder))  # tools/export_hf.py rebuilds the model from it
 
     t = cfg.trainer
-    # Same seed on every rank: every rank builds identical initial weights before FSDP shards them.
-    # (Each rank holds the whole fp32 model until sharding: 6.4 GB for 1.6B parameters.)
+    # Rank 0 builds and initialises the model exactly as one process would (same seed, same weights);
+    # under FSDP2 the other ranks build it on the meta device (see model_build_device).
     reproducibility.seed_all(cfg.seed)
-    model = ComposerMambaLM(build_model(cfg.model))
+    model = ComposerMambaLM(build_model(cfg.model, device=model_build_device(cfg.fsdp, world_size)))
     assign_units(model.model, cfg.fsdp)
     log.info("model: %s parameters", f"{model.model.num_parameters():,}")
 
@@ -89,6 +89,22 @@ def train(cfg: TrainConfig) -> Trainer:
     if t.export_hf and not sigterm_received():  # after SIGTERM the job must exit, not export
         export_final_model(trainer, cfg, Path(save_folder) / "hf")
     return trainer
+
+
+def model_build_device(fsdp: FSDPConfig, world_size: int) -> str | None:
+    """Where this rank builds the model: "meta" (shapes only, no memory) on ranks > 0 under FSDP2,
+    else None (the default device, with mamba-ssm's init and any `init_from` weights).
+
+    Composer sees rank 0 with real weights and the others on meta, turns on FSDP2's
+    sync_module_states, shards, and broadcasts rank 0's weights into every rank's shards
+    (composer/distributed/prepare_distributed.py). So no rank but 0 ever holds the full fp32 model
+    (6.4 GB for 1.6B parameters, per rank, in host memory), and every rank starts from the weights
+    a single process would have. FSDP1 (GPU only) keeps the full build on every rank: Composer's
+    FSDP1 would need a per-module init function for meta modules.
+    """
+    if world_size > 1 and fsdp.version == 2 and dist.get_global_rank() > 0:
+        return "meta"
+    return None
 
 
 def write_run_config(cfg: TrainConfig, folder: Path) -> None:

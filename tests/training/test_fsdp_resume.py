@@ -3,7 +3,8 @@ bit-identical, FSDP trains the same model as one device, and the other strategie
 
 Five `composer -n 2 mamba/train.py` launches (each ~10 s of start-up, so no more), all evaluating
 on a held-out split every 10 batches:
-  A  20 batches uninterrupted;
+  A  20 batches uninterrupted; rank 1 builds the model on the meta device and gets rank 0's
+     weights when FSDP2 shards it (Composer's sync_module_states, seen in rank 0's log);
   B  the same run stopped after batch 10 (max_duration=10ba, schedule still 20 batches long):
      its 10 losses must equal A's bit for bit (same config and seed give the same losses);
   B' the same command with max_duration=20ba: autoresume picks up B's checkpoint at batch 10.
@@ -12,8 +13,9 @@ on a held-out split every 10 batches:
      the same losses as A up to fp32 reduction order.
   D  HYBRID_SHARD with one replica (the shard group is both ranks), untied embedding and head
      (their own FSDP units), WSD on token durations: trains, and the logged lr follows the schedule.
-and one single-process run without FSDP: the same losses and gradient norms as A (FSDP2 must
-average gradients over ranks, not sum them, whatever the backend).
+and one single-process run without FSDP: the same losses and gradient norms as A (rank 1's shards
+got rank 0's initial weights, and FSDP2 averages gradients over ranks, not sums them, whatever the
+backend).
 """
 import math
 import os
@@ -84,7 +86,8 @@ def close(a: dict[int, float], b: dict[int, float], rtol: float, what: str) -> N
 
 
 def test_two_rank_fsdp_training_learns_and_resumes_bit_identically(tiny_config):
-    launch(tiny_config, "run_name=whole", "trainer.max_duration=20ba")
+    proc = launch(tiny_config, "run_name=whole", "trainer.max_duration=20ba")
+    assert "Sync Module States" in proc.stderr, "rank 1 did not build on meta and receive rank 0's weights"
     whole = losses(tiny_config, "whole")
     assert sorted(whole) == list(range(1, 21))
     first, last = sum(whole[b] for b in range(1, 4)) / 3, sum(whole[b] for b in range(18, 21)) / 3

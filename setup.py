@@ -6,6 +6,14 @@ already installed, so install torch (this package) first, then
 """
 from setuptools import find_packages, setup
 
+# monitoring: TensorBoard (logging.tensorboard_dir), W&B (logging.wandb_project; Composer 0.32
+# takes wandb<0.19, which needs protobuf<6, hence tensorboard<2.20), tools/plot_metrics.py
+MONITOR = ["tensorboard<2.20", "wandb>=0.13.2,<0.19", "matplotlib"]
+# tools/pack.py input formats: Parquet, .zst, HF datasets (hub <1.0 keeps transformers 4.53 working)
+FORMATS = ["pyarrow", "zstandard", "datasets>=2.19,<4.2", "huggingface-hub<1.0"]
+# transformers is the reference our model is checked against and exported to (<4.54 fits torch 2.7)
+TRANSFORMERS = ["transformers>=4.44,<4.54"]
+
 setup(
     name="mamba-recipe",
     version="0.1.0",
@@ -24,15 +32,12 @@ setup(
     extras_require={
         # CUDA kernels: need nvcc and a CUDA torch; 2.3.2 needs triton>=3.5, which torch 2.7 refuses.
         "gpu": ["mamba-ssm==2.3.1", "causal-conv1d>=1.4"],
-        # transformers is the reference the tests compare our model against (<4.54 fits torch 2.7).
-        # monitoring: TensorBoard event files (logging.tensorboard_dir) and tools/plot_metrics.py
-        "monitor": ["tensorboard", "matplotlib"],
-        # tools/pack.py input formats: Parquet, .zst, HF datasets (hub <1.0 keeps transformers 4.53 working)
-        "formats": ["pyarrow", "zstandard", "datasets>=2.19,<4.2", "huggingface-hub<1.0"],
+        "monitor": MONITOR,
+        "formats": FORMATS,
         # benchmarks/model_cpu.py: HF transformers' Mamba, default and mamba.py (mambapy) paths
-        "bench": ["transformers>=4.44,<4.54", "mambapy"],
-        "dev": ["pytest", "transformers>=4.44,<4.54", "safetensors", "tensorboard", "matplotlib",
-                "pyarrow", "zstandard", "datasets>=2.19,<4.2", "huggingface-hub<1.0"],
-        "all": ["pytest", "transformers>=4.44,<4.54", "safetensors", "tensorboard", "matplotlib"],
+        "bench": TRANSFORMERS + ["mambapy"],
+        # the test suite: every CPU-side extra
+        "dev": ["pytest"] + TRANSFORMERS + MONITOR + FORMATS,
+        "all": ["pytest", "mambapy"] + TRANSFORMERS + MONITOR + FORMATS,
     },
 )

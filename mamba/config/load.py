@@ -28,6 +28,7 @@ SCHEDULERS = ("cosine", "linear", "constant", "wsd")
 DECAY_SHAPES = ("linear", "1-sqrt")
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
 FSDP_VERSIONS = (1, 2)
+FSDP_MIXED_PRECISION = ("DEFAULT", "FULL")
 PRECISIONS = ("auto", "fp32", "amp_bf16")
 DEVICES = ("auto", "cpu", "gpu")
 STATE_DICT_TYPES = ("sharded", "full")
@@ -198,6 +199,8 @@ def _validate_fsdp(cfg: TrainConfig) -> None:
     _require(f.shard_degree == -1 or f.sharding_strategy == "HYBRID_SHARD",
              f"fsdp.shard_degree={f.shard_degree} only applies with fsdp.sharding_strategy=HYBRID_SHARD "
              f"(got {f.sharding_strategy}); set shard_degree=-1 or use HYBRID_SHARD")
+    _require(f.mixed_precision in FSDP_MIXED_PRECISION,
+             f"fsdp.mixed_precision={f.mixed_precision!r}: choose DEFAULT (bf16 all-gathers) or FULL (fp32 all-gathers)")
     _require(f.activation_checkpointing_every >= 1,
              f"fsdp.activation_checkpointing_every={f.activation_checkpointing_every} must be >= 1 "
              f"(1 = every block); turn checkpointing off with fsdp.activation_checkpointing=false")

@@ -10,7 +10,8 @@ R = dt_rank, V = padded vocab):
                               (Rajbhandari et al. 2020, ZeRO, Sec. 3: "16 Psi" for mixed-precision Adam)
     gathered     8 P_unit     the largest FSDP unit (a block, or the embedding/head) unsharded
                               while it computes: its bf16 copy for this and the prefetched unit
-                              (2 x 2 bytes) plus its unsharded fp32 grads before reduce-scatter (4)
+                              (2 x 2 bytes) plus its unsharded fp32 grads before reduce-scatter (4);
+                              the plan assumes fsdp.mixed_precision=DEFAULT (FULL gathers fp32: 12)
     activations  B L a        a = bytes kept per token for backward, below
     logits       6 B L V      bf16 logits plus the fp32 cross-entropy gradient (the loss is not
                               chunked over the vocabulary)

@@ -137,6 +137,10 @@ class FSDPConfig:
     """Checkpoint every k-th block (blocks 0, k, 2k, ...); 1 checkpoints all of them."""
     state_dict_type: str = "sharded"
     """Checkpoint format: "sharded" (each rank writes its shard) or "full" (rank 0 writes one file)."""
+    mixed_precision: str = "DEFAULT"
+    """Under amp_bf16: "DEFAULT" all-gathers parameters in bf16 (half the traffic; A_log, D and dt
+    bias reach the mixer bf16-rounded), "FULL" in fp32 (every parameter exact, as in mamba-ssm's own
+    autocast training; matmuls still bf16; twice the all-gather traffic and gathered memory)."""
 
 
 @dataclass

@@ -20,12 +20,16 @@ which would silently change clipping and the update) and its all-reduce raises (
 ReduceOp.AVG with Gloo"). So on gloo: 1-D meshes only, and `average_gloo_gradients` divides each
 reduce-scattered gradient by the world size in FSDP2's post-reduce hook. NCCL averages natively.
 
-Mixed precision (GPU, precision amp_bf16): Composer's FSDP2 `mixed_precision="DEFAULT"` becomes
-`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)` (composer/distributed/fsdp2.py): the
-sharded parameters -- the optimizer's master weights -- stay fp32, each unit all-gathers them cast
-to bf16 for forward and backward, and gradients are reduced in fp32. Autocast (amp_bf16) also runs
-around the forward. A_log, D and the dt bias are gathered in bf16 too; the mixer casts them to
-fp32 before the exp/softplus and the scan, and their fp32 masters receive fp32 gradients.
+Mixed precision (GPU, precision amp_bf16), fsdp.mixed_precision:
+  DEFAULT  Composer's `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`
+           (composer/distributed/fsdp2.py): the sharded parameters -- the optimizer's master
+           weights -- stay fp32, each unit all-gathers them cast to bf16 for forward and backward,
+           gradients are reduced in fp32. A_log, D and the dt bias are gathered in bf16 too (one
+           policy per unit, and they share the block's unit); the mixer casts them to fp32 before
+           the exp/softplus and the scan, and their fp32 masters receive fp32 gradients.
+  FULL     no cast: units all-gather fp32, so A_log, D and dt bias are exact fp32 in the forward,
+           as in mamba-ssm's own (autocast) training; twice the all-gather traffic.
+Either way autocast (amp_bf16) runs the matmuls in bf16.
 """
 from __future__ import annotations
 
@@ -129,7 +133,7 @@ def build_parallelism(cfg: FSDPConfig, device: str, world_size: int) -> Parallel
             reshard_after_forward=cfg.sharding_strategy in ("FULL_SHARD", "HYBRID_SHARD"),
             activation_checkpointing=cfg.activation_checkpointing,
             state_dict_type=cfg.state_dict_type,
-            mixed_precision="DEFAULT",
+            mixed_precision=cfg.mixed_precision,
         )
     )
 
@@ -142,7 +146,7 @@ def _fsdp1(cfg: FSDPConfig, world_size: int) -> ComposerFSDP1Config:
         sharding_strategy=cfg.sharding_strategy,
         activation_checkpointing=cfg.activation_checkpointing,
         activation_checkpointing_reentrant=False,
-        mixed_precision="DEFAULT",
+        mixed_precision=cfg.mixed_precision,
         state_dict_type=cfg.state_dict_type,
         use_orig_params=True,
         **({"data_parallel_shard_degree": shard, "data_parallel_replicate_degree": world_size // shard}

@@ -77,6 +77,7 @@ def test_wrong_types_name_the_key(tmp_path, text, pattern):
         ("fsdp.version=3", r"fsdp.version=3: choose 2"),
         ("fsdp.shard_degree=4", r"fsdp.shard_degree=4 only applies with fsdp.sharding_strategy=HYBRID_SHARD"),
         ("fsdp.activation_checkpointing_every=0", r"fsdp.activation_checkpointing_every=0 must be >= 1"),
+        ("fsdp.mixed_precision=bf16", r"fsdp.mixed_precision='bf16': choose DEFAULT \(bf16 all-gathers\) or FULL"),
         ("scheduler.decay_shape=sqrt", r"scheduler.decay_shape='sqrt': choose one of"),
         ("scheduler.decay_fraction=1.5", r"scheduler.decay_fraction=1.5 must be in \(0, 1\]"),
         ("scheduler.t_decay=soon", r"scheduler.t_decay='soon' is not a duration"),

@@ -1,8 +1,12 @@
 """FSDP unit choice, activation-checkpointing selection and mesh shapes (the multi-rank runs are in
 test_fsdp_resume.py)."""
 import pytest
+import torch
+from composer.core.precision import Precision
 from composer.distributed.activation_checkpointing import apply_ac, generate_composer_model_check_fn
+from composer.distributed.fsdp2 import create_mixed_precision_policy
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+from torch.distributed.fsdp import fully_shard
 
 from mamba.config import ConfigError
 from mamba.config.schema import FSDPConfig
@@ -57,3 +61,42 @@ def test_fsdp1_is_refused_on_cpu_and_one_rank_is_unwrapped():
     with pytest.raises(ConfigError, match=r"fsdp.version=1 \(FSDP1\) runs on GPUs only"):
         build_parallelism(FSDPConfig(version=1), "cpu", world_size=2)
     assert build_parallelism(FSDPConfig(), "cpu", world_size=1) is None
+
+
+@pytest.fixture
+def one_rank_gloo():
+    """A 1-rank gloo process group in this process: real fully_shard, no launcher."""
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode, gathered", [("DEFAULT", torch.bfloat16), ("FULL", torch.float32)])
+def test_fsdp_mixed_precision_decides_the_dtype_a_log_d_and_dt_bias_reach_the_mixer_in(one_rank_gloo, monkeypatch,
+                                                                                         mode, gathered):
+    """The config's FSDP2Config through Composer's own policy builder, under bf16 autocast (the GPU
+    recipe's amp_bf16; run here on CPU): DEFAULT gathers every parameter in bf16, FULL keeps them
+    fp32; the matmuls run in bf16 either way, and the fp32 masters get fp32 gradients."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # what the launcher sets; the mesh choice reads it
+    parallelism = build_parallelism(FSDPConfig(mixed_precision=mode), "gpu", world_size=2)
+    policy = create_mixed_precision_policy(Precision.AMP_BF16, parallelism.fsdp2.mixed_precision)
+    for ssm_layer in ("mamba1", "mamba2"):
+        torch.manual_seed(0)
+        model = MambaLMHeadModel(MambaConfig(d_model=32, n_layer=2, vocab_size=64, d_state=8, headdim=16,
+                                             ssm_layer=ssm_layer))
+        for block in model.backbone.layers:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        mixer = model.backbone.layers[0].mixer
+        seen = {}
+        mixer.register_forward_pre_hook(lambda m, args: seen.update({n: p.dtype for n, p in m.named_parameters()}))
+        mixer.in_proj.register_forward_hook(lambda m, args, out: seen.update(in_proj_output=out.dtype))
+        tokens = torch.randint(0, 64, (2, 16))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(tokens, labels=tokens).backward()
+        fp32_kept = [n for n in seen if n in ("A_log", "D", "dt_bias", "dt_proj.bias")]
+        assert len(fp32_kept) == 3, (ssm_layer, sorted(seen))  # dt bias: Mamba-1 dt_proj.bias, Mamba-2 dt_bias
+        assert {seen[n] for n in fp32_kept} == {gathered}, (ssm_layer, mode, seen)
+        assert seen["in_proj.weight"] == gathered and seen["in_proj_output"] == torch.bfloat16
+        assert mixer.A_log.dtype == torch.float32 and mixer.A_log.grad.dtype == torch.float32
+        assert mixer.D.grad.to_local().abs().sum() > 0

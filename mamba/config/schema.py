@@ -42,7 +42,7 @@ class ModelConfig:
     """Largest initial step size dt."""
     kernels: str = "auto"
     """"auto": mamba-ssm's CUDA kernels on GPU when they import, else pure torch; "torch": always
-    torch (exact document isolation for Mamba-1 too); "cuda": the kernels or a clear error."""
+    torch; "cuda": the kernels or a clear error."""
     pad_vocab_size_multiple: int = 8
     """Embedding and head rows are padded up to a multiple of this (tensor-core friendly)."""
     tie_embeddings: bool = True

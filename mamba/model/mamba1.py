@@ -15,7 +15,7 @@ Per token, with E = d_inner = expand * d_model, N = d_state, R = dt_rank:
 which is mamba-ssm's `Mamba.forward` slow path (the one without the fused CUDA kernel). The one
 addition is `reset`: document starts inside a packed window, where the conv and the SSM state
 restart from zero (document isolation). On CUDA with mamba-ssm importable, the conv and the scan
-run on its kernels (ops/kernels.py, which documents what isolation means there).
+run on its kernels (ops/kernels.py; the scan's resets via ops.selective_scan.scan_with_resets).
 """
 from __future__ import annotations
 
@@ -137,11 +137,9 @@ class Mamba(nn.Module):
         dt = F.linear(dt, self.dt_proj.weight)  # (batch, L, E); bias goes in as delta_bias
         A = -torch.exp(self.A_log.float())  # (E, N), negative: every decay exp(dt * A) <= 1
         if use_cuda:
-            if reset is not None:
-                kernels.warn_mamba1_isolation()  # the kernel cannot reset the SSM state
             y = kernels.selective_scan(
                 x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
-                self.D.float(), z.transpose(1, 2), self.dt_proj.bias.float(),
+                self.D.float(), z.transpose(1, 2), self.dt_proj.bias.float(), reset,
             )  # (batch, E, L)
             return self.out_proj(y.transpose(1, 2))
         y = selective_scan(

@@ -90,7 +90,9 @@ def test_kernel_path_matches_torch_path_one_document(ssm_layer, dtype, rtol, ato
 
 
 @pytest.mark.skipif(not ON_GPU, reason=SKIP_GPU)
+@pytest.mark.parametrize("ssm_layer", ["mamba1", "mamba2"])
 @pytest.mark.parametrize("dtype,rtol,atol", TOLS)
-def test_mamba2_kernel_path_matches_torch_path_with_document_resets(dtype, rtol, atol):
+def test_kernel_path_matches_torch_path_with_document_resets(ssm_layer, dtype, rtol, atol):
+    """Mamba-2's kernels reset at seq_idx; Mamba-1's scan through scan_with_resets."""
     positions = torch.cat([torch.arange(100), torch.arange(60), torch.arange(96)])[None].repeat(2, 1).cuda()
-    compare_paths("mamba2", dtype, positions, rtol, atol)
+    compare_paths(ssm_layer, dtype, positions, rtol, atol)

@@ -8,7 +8,7 @@ and must stay finite where an exp-of-cumulative-sum formulation overflows.
 import pytest
 import torch
 
-from mamba.model.ops.selective_scan import selective_scan, selective_scan_ref
+from mamba.model.ops.selective_scan import scan_with_resets, selective_scan, selective_scan_ref
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -161,3 +161,38 @@ def test_transposed_views_are_accepted():
     outs = [selective_scan(*(x[k] for k in NAMES[:5]), D=x["D"], z=x["z"], delta_bias=x["delta_bias"],
                            delta_softplus=True, reset=reset) for x in (inputs, time_major)]
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+
+
+def scan_without_resets(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """mamba-ssm's selective_scan_fn semantics (positional, no reset), in float64: the kernel's
+    stand-in for scan_with_resets on a CPU."""
+    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", [(torch.float64, 1e-10, 1e-10), (torch.float32, 2e-5, 2e-5)])
+def test_resets_by_vanishing_decay_equal_the_reset_recurrence(dtype, rtol, atol):
+    """scan_with_resets (how the Mamba-1 CUDA path isolates documents) on a scan without resets
+    gives the reset recurrence's outputs and every gradient, also for a channel whose slowest decay
+    is tiny (|A| = 1e-5: the vanishing delta is then 2e7)."""
+    inputs, reset = make_inputs(2, 6, 4, 48, dtype=dtype, reset_rate=0.15)
+    inputs["A"][2, 1] = -1e-5
+    assert reset.sum() >= 4
+    results = []
+    for through_decay in (True, False):
+        xs = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+        if through_decay:
+            y = scan_with_resets(scan_without_resets, xs["u"], xs["delta"], xs["A"], xs["B"], xs["C"], xs["D"],
+                                 xs["z"], xs["delta_bias"], reset)
+        else:
+            y = selective_scan_ref(xs["u"], xs["delta"], xs["A"], xs["B"], xs["C"], xs["D"], xs["z"],
+                                   xs["delta_bias"], delta_softplus=True, reset=reset)
+        cot = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+        results.append((y, dict(zip(xs, torch.autograd.grad(y, list(xs.values()), cot)))))
+    (y, grads), (y_ref, grads_ref) = results
+    assert y.dtype == dtype
+    results = [(y, grads), (y_ref.double(), {k: g.double() for k, g in grads_ref.items()})]
+    assert_matches(*results, rtol=rtol, atol=atol)
+    # Without the resets the same inputs differ: the test sees the boundaries.
+    leaky = selective_scan_ref(*(inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")),
+                               delta_softplus=True)
+    assert (leaky - y_ref.detach()).abs().max() > 1e-2

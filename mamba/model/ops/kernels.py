@@ -13,11 +13,11 @@ Kernels used, with mamba-ssm 2.3.1 / causal-conv1d 1.5 signatures:
   causal_conv1d_fn(x (b, d, l), weight (d, w), bias, seq_idx (b, l) int32, activation="silu"):
       seq_idx resets the conv at document starts; it needs x channel-last (stride(1) == 1), i.e.
       a (b, d, l) view of (b, l, d)-contiguous memory, which is what the mixers hold.
-  selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus) (Mamba-1): it has NO
-      state reset. With document isolation on, Mamba-1 on this kernel resets the conv (exact) but
-      the SSM state of a document's first tokens still carries the previous document's state,
-      decayed by exp(dt * A) per step; a warning is logged once. Use `kernels: torch` (exact,
-      slower) or Mamba-2 where full isolation matters.
+  selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus) (Mamba-1): it has no
+      state reset. With document starts it is called through ops.selective_scan.scan_with_resets,
+      which makes the decay into each document's first token exactly zero (a per-channel delta
+      large enough that exp(delta * A) underflows, the input rescaled to match): exact isolation,
+      at the cost of a few elementwise passes outside the fused kernel.
   mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D, dt_bias=, dt_softplus=, seq_idx=)
       (Mamba-2): state reset at seq_idx changes, exact isolation.
   rmsnorm_fn(x, weight, None, z=, eps=, group_size=, norm_before_gate=False) (Mamba-2 gated norm).
@@ -28,6 +28,8 @@ import functools
 import logging
 
 import torch
+
+from mamba.model.ops.selective_scan import scan_with_resets
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +71,8 @@ def require_cuda_kernels() -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _log_once(message: str, level: int = logging.INFO) -> None:
-    log.log(level, message)
+def _log_once(message: str) -> None:
+    log.info(message)
 
 
 def use_cuda(mode: str, tensor: torch.Tensor, op: str) -> bool:
@@ -89,16 +91,6 @@ def use_cuda(mode: str, tensor: torch.Tensor, op: str) -> bool:
     return use
 
 
-def warn_mamba1_isolation() -> None:
-    """Logged once: what document isolation means for Mamba-1 on the CUDA kernel."""
-    _log_once(
-        "document isolation with Mamba-1 on mamba-ssm's selective_scan_fn: the conv is reset at "
-        "document starts, but the kernel has no SSM state reset, so a document's first tokens see "
-        "the previous document's state (decayed). Set model.kernels='torch' for exact isolation.",
-        logging.WARNING,
-    )
-
-
 def seq_idx_from_reset(reset: torch.Tensor) -> torch.Tensor:
     """(batch, L) bool document starts -> (batch, L) int32 document index, mamba-ssm's seq_idx."""
     return torch.cumsum(reset.to(torch.int32), dim=-1, dtype=torch.int32)
@@ -112,11 +104,13 @@ def conv1d_silu(x, weight, bias, seq_idx):
     return fn(x, weight[:, 0, :], bias, seq_idx=seq_idx, activation="silu")
 
 
-def selective_scan(u, delta, A, B, C, D, z, delta_bias):
-    """mamba-ssm's selective scan (delta_softplus=True); shapes as ops.selective_scan."""
-    return _probe()[0]["selective_scan_fn"](
-        u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True,
-    )
+def selective_scan(u, delta, A, B, C, D, z, delta_bias, reset=None):
+    """mamba-ssm's selective scan (delta_softplus=True); shapes as ops.selective_scan. reset
+    (batch, L) bool document starts, where the state restarts from zero (module doc)."""
+    fn = _probe()[0]["selective_scan_fn"]
+    if reset is None:
+        return fn(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True)
+    return scan_with_resets(fn, u, delta, A, B, C, D, z, delta_bias, reset)
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx):

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from composer import Trainer
-from composer.utils import dist
 from composer.utils.parallelism import FSDP2Config, ParallelismConfig
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer, MambaForCausalLM
@@ -94,12 +93,11 @@ def test_checkpoint_resolution_and_weights_roundtrip(trained):
         assert k == k2 and torch.equal(a, b), k
 
 
-def test_sharded_fsdp2_checkpoint_exports(trained):
+def test_sharded_fsdp2_checkpoint_exports(trained, one_rank_gloo):
     """A DCP-sharded checkpoint (FSDP2, Composer's "sharded" state dict) on one in-process rank,
     read back by the export tool in a fresh process without a process group."""
     work, save_folder, _ = trained
     cfg = load_config(save_folder / "config.yaml")
-    dist.initialize_dist("cpu")
     composer_model = ComposerMambaLM(build_model(cfg.model))
     sharded = work / "sharded"
     trainer = Trainer(

@@ -63,14 +63,6 @@ def test_fsdp1_is_refused_on_cpu_and_one_rank_is_unwrapped():
     assert build_parallelism(FSDPConfig(), "cpu", world_size=1) is None
 
 
-@pytest.fixture
-def one_rank_gloo():
-    """A 1-rank gloo process group in this process: real fully_shard, no launcher."""
-    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
-    yield
-    torch.distributed.destroy_process_group()
-
-
 @pytest.mark.parametrize("mode, gathered", [("DEFAULT", torch.bfloat16), ("FULL", torch.float32)])
 def test_fsdp_mixed_precision_decides_the_dtype_a_log_d_and_dt_bias_reach_the_mixer_in(one_rank_gloo, monkeypatch,
                                                                                          mode, gathered):

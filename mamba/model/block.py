@@ -1,7 +1,8 @@
 """One residual layer of the Mamba LM: add the residual, normalise, mix.
 
 This is mamba-ssm's `Block` (`mamba_ssm/modules/block.py`) without the MLP (Mamba-1 LMs have
-d_intermediate = 0) and without the fused add+norm kernel, which computes the same thing:
+d_intermediate = 0). On CUDA with mamba-ssm importable, the add and the norm run as its fused
+kernel (ops/kernels.py); otherwise as written here:
 
     residual = hidden + residual          (just hidden in the first layer)
     hidden   = mixer(norm(residual))
@@ -17,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mamba.model.ops import kernels
+
 
 class Block(nn.Module):
     """forward(hidden_states, residual=None, reset=None) -> (hidden_states, residual).
@@ -24,13 +27,15 @@ class Block(nn.Module):
     hidden_states, residual: (batch, L, d_model); reset: (batch, L) bool document starts, handed
     to the mixer. `residual_in_fp32` keeps the residual stream in (at least) float32 under bf16
     training, as mamba-ssm's default LMs do: the sum over many layers would otherwise round away
-    the small updates of each one.
+    the small updates of each one. `norm` is an RMSNorm (the fused kernel's norm).
     """
 
-    def __init__(self, d_model: int, mixer: nn.Module, norm: nn.Module, residual_in_fp32: bool = True):
+    def __init__(self, d_model: int, mixer: nn.Module, norm: nn.Module, residual_in_fp32: bool = True,
+                 kernels_mode: str = "auto"):
         super().__init__()
         self.d_model = d_model
         self.residual_in_fp32 = residual_in_fp32
+        self.kernels_mode = kernels_mode
         self.norm = norm
         self.mixer = mixer
 
@@ -40,6 +45,10 @@ class Block(nn.Module):
         residual: torch.Tensor | None = None,
         reset: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if kernels.use_cuda(self.kernels_mode, hidden_states, "add+norm"):
+            hidden_states, residual = kernels.add_rms_norm(hidden_states, residual, self.norm.weight,
+                                                           self.norm.eps, self.residual_in_fp32)
+            return self.mixer(hidden_states, reset=reset), residual
         residual = hidden_states if residual is None else hidden_states + residual
         hidden_states = self.norm(residual.to(dtype=self.norm.weight.dtype))
         if self.residual_in_fp32:

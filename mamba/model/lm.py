@@ -114,16 +114,21 @@ class MixerModel(nn.Module):
                 mixer=make_mixer(config),
                 norm=RMSNorm(d, eps=config.norm_eps),
                 residual_in_fp32=config.residual_in_fp32,
+                kernels_mode=config.kernels,
             )
             for _ in range(config.n_layer)
         )
         self.norm_f = RMSNorm(d, eps=config.norm_eps)
+        self.residual_in_fp32, self.kernels_mode = config.residual_in_fp32, config.kernels
 
     def forward(self, input_ids: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (batch, L) int64; reset (batch, L) bool document starts or None."""
         hidden_states, residual = self.embedding(input_ids), None
         for layer in self.layers:
             hidden_states, residual = layer(hidden_states, residual, reset=reset)
+        if kernels.use_cuda(self.kernels_mode, hidden_states, "add+norm"):
+            return kernels.add_rms_norm(hidden_states, residual, self.norm_f.weight, self.norm_f.eps,
+                                        self.residual_in_fp32, prenorm=False)
         residual = hidden_states if residual is None else hidden_states + residual
         return self.norm_f(residual.to(dtype=self.norm_f.weight.dtype))
 

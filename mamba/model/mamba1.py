@@ -14,8 +14,9 @@ Per token, with E = d_inner = expand * d_model, N = d_state, R = dt_rank:
 
 which is mamba-ssm's `Mamba.forward` slow path (the one without the fused CUDA kernel). The one
 addition is `reset`: document starts inside a packed window, where the conv and the SSM state
-restart from zero (document isolation). On CUDA with mamba-ssm importable, the conv and the scan
-run on its kernels (ops/kernels.py; the scan's resets via ops.selective_scan.scan_with_resets).
+restart from zero (document isolation). On CUDA with mamba-ssm importable the mixer runs on its
+kernels (ops/kernels.py): the fused mamba_inner_fn for windows without document starts; with them
+the conv and the scan separately (the scan's resets via ops.selective_scan.scan_with_resets).
 """
 from __future__ import annotations
 
@@ -123,28 +124,29 @@ class Mamba(nn.Module):
     def forward(self, hidden_states: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states (batch, L, d_model); reset (batch, L) bool, True at document starts."""
         xz = self.in_proj(hidden_states)  # (batch, L, 2E)
+        A = -torch.exp(self.A_log.float())  # (E, N), negative: every decay exp(dt * A) <= 1
+        use_cuda = kernels.use_cuda(self.kernels_mode, hidden_states, "selective scan")
+        if use_cuda and reset is None:
+            return kernels.mamba1_fused(
+                xz.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
+                self.dt_proj.weight, self.out_proj.weight, self.out_proj.bias, A, self.D.float(),
+                self.dt_proj.bias.float(),
+            )
         # Keep time-major (batch, L, E) memory throughout; the ops take (batch, E, L) views of it,
         # the argument layout of mamba-ssm's kernels, without copying.
         x, z = xz.chunk(2, dim=-1)
-        use_cuda = kernels.use_cuda(self.kernels_mode, hidden_states, "selective scan")
         if use_cuda:
-            seq_idx = None if reset is None else kernels.seq_idx_from_reset(reset)
+            seq_idx = kernels.seq_idx_from_reset(reset)
             x = kernels.conv1d_silu(x.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, seq_idx)
         else:
             x = F.silu(causal_conv1d(x.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, reset))
         x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, L, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # (batch, L, E); bias goes in as delta_bias
-        A = -torch.exp(self.A_log.float())  # (E, N), negative: every decay exp(dt * A) <= 1
+        args = (x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z.transpose(1, 2),
+                self.dt_proj.bias.float())
         if use_cuda:
-            y = kernels.selective_scan(
-                x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
-                self.D.float(), z.transpose(1, 2), self.dt_proj.bias.float(), reset,
-            )  # (batch, E, L)
-            return self.out_proj(y.transpose(1, 2))
-        y = selective_scan(
-            x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
-            z=z.transpose(1, 2), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            reset=reset,
-        )  # (batch, E, L)
+            y = kernels.selective_scan_with_resets(*args, reset)  # (batch, E, L)
+        else:
+            y = selective_scan(*args, delta_softplus=True, reset=reset)
         return self.out_proj(y.transpose(1, 2))

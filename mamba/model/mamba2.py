@@ -10,10 +10,11 @@ Per token, with E = d_inner = expand * d_model, H = nheads = E / headdim, G = ng
     y          = ssd(x, dt, A = -exp(A_log), B, C, D, dt_bias, dt_softplus=True)   ops/ssd.py
     out        = out_proj(norm(y, z))             norm = rmsnorm(y * silu(z)) per group, * weight
 
-`reset` (batch, L) bool marks document starts: conv and SSM state restart there.
+`reset` (batch, L) bool marks document starts: conv and SSM state restart there. On CUDA with
+mamba-ssm importable, the whole mixer after in_proj runs as its fused kernel (ops/kernels.py),
+which restarts at the same document starts.
 """
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
@@ -109,28 +110,25 @@ class Mamba2(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states (batch, L, d_model); reset (batch, L) bool, True at document starts."""
-        batch, length, _ = hidden_states.shape
         gn = self.ngroups * self.d_state
         zxbcdt = self.in_proj(hidden_states)  # (batch, L, 2E + 2GN + H)
+        A = -torch.exp(self.A_log.float())  # (H,), negative
+        D, dt_bias = self.D.float(), self.dt_bias.float()
+        if kernels.use_cuda(self.kernels_mode, hidden_states, "ssd scan"):
+            seq_idx = None if reset is None else kernels.seq_idx_from_reset(reset)
+            return kernels.mamba2_fused(
+                zxbcdt, self.conv1d.weight, self.conv1d.bias, dt_bias, A, D, self.chunk_size, seq_idx,
+                self.norm.weight, self.norm.eps, self.out_proj.weight, self.out_proj.bias, self.headdim,
+                self.ngroups,
+            )
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.d_inner + 2 * gn, self.nheads], dim=-1)
-        use_cuda = kernels.use_cuda(self.kernels_mode, hidden_states, "ssd scan")
-        seq_idx = kernels.seq_idx_from_reset(reset) if use_cuda and reset is not None else None
-        if use_cuda:
-            xBC = kernels.conv1d_silu(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, seq_idx)
-        else:
-            xBC = F.silu(causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, reset))
+        xBC = F.silu(causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, reset))
         xBC = xBC.transpose(1, 2)  # (batch, L, E + 2GN)
         x, B, C = torch.split(xBC, [self.d_inner, gn, gn], dim=-1)
         x = x.unflatten(-1, (self.nheads, self.headdim))  # (batch, L, H, P)
         B = B.unflatten(-1, (self.ngroups, self.d_state))  # (batch, L, G, N)
         C = C.unflatten(-1, (self.ngroups, self.d_state))
-        A = -torch.exp(self.A_log.float())  # (H,), negative
-        D, dt_bias = self.D.float(), self.dt_bias.float()
-        if use_cuda:
-            y = kernels.ssd_scan(x, dt, A, B, C, self.chunk_size, D, dt_bias, seq_idx)
-            y = kernels.rms_norm_gated(y.flatten(2), z, self.norm.weight, self.norm.eps, self.norm.group_size)
-        else:
-            y = ssd_chunked(x, dt, A, B, C, chunk_size=self.chunk_size, D=D, dt_bias=dt_bias,
-                            dt_softplus=True, reset=reset)
-            y = self.norm(y.flatten(2), z)  # (batch, L, E)
+        y = ssd_chunked(x, dt, A, B, C, chunk_size=self.chunk_size, D=D, dt_bias=dt_bias,
+                        dt_softplus=True, reset=reset)
+        y = self.norm(y.flatten(2), z)  # (batch, L, E)
         return self.out_proj(y)

@@ -1,6 +1,7 @@
 """Kernel dispatch (ops/kernels.py): clear failure of `kernels: cuda` where the kernels cannot
-run, torch fallback under `auto`, and (on a CUDA machine with mamba-ssm) kernels vs torch on the
-same weights, forward and gradients."""
+run, torch fallback under `auto`, the CUDA dispatch on CPU through stand-ins of the kernels
+(kernel_standins.py), and (on a CUDA machine with mamba-ssm) kernels vs torch on the same
+weights, forward and gradients."""
 import copy
 import logging
 
@@ -9,10 +10,18 @@ import torch
 
 from mamba.model import MambaConfig, MambaLMHeadModel
 from mamba.model.ops import kernels
+from kernel_standins import STANDINS
 
 AVAILABLE, REASON = kernels.cuda_kernels_available()
 ON_GPU = torch.cuda.is_available() and AVAILABLE
 SKIP_GPU = f"needs a CUDA GPU and mamba-ssm/causal-conv1d (cuda available: {torch.cuda.is_available()}, kernels: {REASON or 'ok'})"
+
+
+def set_kernels(model, mode):
+    """Switch every module that dispatches (blocks, mixers, the final norm) to `mode`."""
+    for module in model.modules():
+        if hasattr(module, "kernels_mode"):
+            module.kernels_mode = mode
 
 
 def config(ssm_layer, mode, **kw):
@@ -38,21 +47,20 @@ def test_unknown_mode_is_refused():
         MambaLMHeadModel(config("mamba1", "triton"))
 
 
-@pytest.mark.parametrize("ssm_layer,op", [("mamba1", "selective scan"), ("mamba2", "ssd scan")])
+@pytest.mark.parametrize("ssm_layer,op", [("mamba1", "selective scan"), ("mamba2", "ssd scan"), ("mamba1", "add+norm")])
 def test_auto_on_cpu_uses_torch_and_says_so_once(ssm_layer, op, caplog):
     kernels._log_once.cache_clear()
     torch.manual_seed(0)
     auto = MambaLMHeadModel(config(ssm_layer, "auto"))
     forced = copy.deepcopy(auto)
-    for layer in forced.backbone.layers:
-        layer.mixer.kernels_mode = "torch"
+    set_kernels(forced, "torch")
     ids = torch.randint(0, 100, (2, 24))
     with caplog.at_level(logging.INFO, logger=kernels.__name__):
         out = auto(ids)
         auto(ids)
     assert torch.equal(out, forced(ids))  # the same torch computation
     chosen = [r.getMessage() for r in caplog.records if r.getMessage().startswith(op)]
-    assert chosen == [f"{op}: torch chunked (model.kernels=auto)"]  # logged once, not per layer/call
+    assert chosen == [f"{op}: torch (model.kernels=auto)"]  # logged once, not per layer/call
 
 
 def test_seq_idx_from_reset():
@@ -61,12 +69,52 @@ def test_seq_idx_from_reset():
     assert kernels.seq_idx_from_reset(reset).dtype == torch.int32
 
 
+@pytest.mark.parametrize("ssm_layer", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("with_documents", [False, True])
+def test_cuda_dispatch_through_kernel_standins_equals_the_torch_path(monkeypatch, ssm_layer, with_documents):
+    """The kernel path, every kernel replaced by a float64 stand-in of its semantics, gives the
+    torch path's logits and every gradient to 1e-10: the fused Mamba-1 inner fn (one document) or
+    conv + scan_with_resets (documents), Mamba-2's fused conv-scan-norm-out_proj with seq_idx, and
+    the fused add+norm of every block and the final norm."""
+    monkeypatch.setattr(kernels, "_probe", lambda: (STANDINS, ""))
+    monkeypatch.setattr(kernels, "use_cuda", lambda mode, tensor, op: mode == "cuda")
+    called = {}
+    for name, fn in STANDINS.items():
+        def spy(*args, _fn=fn, _name=name, **kwargs):
+            called[_name] = called.get(_name, 0) + 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setitem(STANDINS, name, spy)
+    torch.manual_seed(0)
+    ref = MambaLMHeadModel(config(ssm_layer, "torch", tie_embeddings=False)).double()
+    fast = copy.deepcopy(ref)
+    set_kernels(fast, "cuda")
+    ids = torch.randint(0, 100, (2, 40))
+    positions = torch.cat([torch.arange(17), torch.arange(23)])[None].repeat(2, 1) if with_documents else None
+    results = []
+    for model in (ref, fast):
+        logits = model(ids, positions)
+        logits.square().mean().backward()
+        results.append((logits, {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-10, atol=1e-10)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-10, atol=1e-10, msg=name)
+    expected = {"rms_norm_fn": 3}  # two blocks and the final norm
+    if ssm_layer == "mamba2":
+        expected["mamba_split_conv1d_scan_combined"] = 2
+    elif with_documents:
+        expected.update(causal_conv1d_fn=2, selective_scan_fn=2)
+    else:
+        expected["mamba_inner_fn"] = 2
+    assert called == expected
+    if with_documents:  # the resets matter for these inputs
+        assert (ref(ids) - results[0][0]).abs().max() > 1e-3
+
+
 def compare_paths(ssm_layer, dtype, positions, rtol, atol):
     torch.manual_seed(0)
     ref = MambaLMHeadModel(config(ssm_layer, "torch")).cuda()
     fast = copy.deepcopy(ref)
-    for layer in fast.backbone.layers:
-        layer.mixer.kernels_mode = "cuda"
+    set_kernels(fast, "cuda")
     ids = torch.randint(0, 100, (2, 256), device="cuda")
     results = []
     for model in (ref, fast):

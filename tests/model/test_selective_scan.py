@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mamba.model.ops.selective_scan import scan_with_resets, selective_scan, selective_scan_ref
+from kernel_standins import selective_scan_fn
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -163,12 +164,6 @@ def test_transposed_views_are_accepted():
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
 
 
-def scan_without_resets(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    """mamba-ssm's selective_scan_fn semantics (positional, no reset), in float64: the kernel's
-    stand-in for scan_with_resets on a CPU."""
-    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-
-
 @pytest.mark.parametrize("dtype, rtol, atol", [(torch.float64, 1e-10, 1e-10), (torch.float32, 2e-5, 2e-5)])
 def test_resets_by_vanishing_decay_equal_the_reset_recurrence(dtype, rtol, atol):
     """scan_with_resets (how the Mamba-1 CUDA path isolates documents) on a scan without resets
@@ -181,7 +176,7 @@ def test_resets_by_vanishing_decay_equal_the_reset_recurrence(dtype, rtol, atol)
     for through_decay in (True, False):
         xs = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
         if through_decay:
-            y = scan_with_resets(scan_without_resets, xs["u"], xs["delta"], xs["A"], xs["B"], xs["C"], xs["D"],
+            y = scan_with_resets(selective_scan_fn, xs["u"], xs["delta"], xs["A"], xs["B"], xs["C"], xs["D"],
                                  xs["z"], xs["delta_bias"], reset)
         else:
             y = selective_scan_ref(xs["u"], xs["delta"], xs["A"], xs["B"], xs["C"], xs["D"], xs["z"],

@@ -9,18 +9,26 @@
 The imports are tried once, catching any exception (Triton raises RuntimeError, not ImportError,
 on a machine without a driver), and the choice is logged once per path ("selective scan: ...").
 
-Kernels used, with mamba-ssm 2.3.1 / causal-conv1d 1.5 signatures:
-  causal_conv1d_fn(x (b, d, l), weight (d, w), bias, seq_idx (b, l) int32, activation="silu"):
-      seq_idx resets the conv at document starts; it needs x channel-last (stride(1) == 1), i.e.
-      a (b, d, l) view of (b, l, d)-contiguous memory, which is what the mixers hold.
-  selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus) (Mamba-1): it has no
-      state reset. With document starts it is called through ops.selective_scan.scan_with_resets,
-      which makes the decay into each document's first token exactly zero (a per-channel delta
-      large enough that exp(delta * A) underflows, the input rescaled to match): exact isolation,
-      at the cost of a few elementwise passes outside the fused kernel.
-  mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D, dt_bias=, dt_softplus=, seq_idx=)
-      (Mamba-2): state reset at seq_idx changes, exact isolation.
-  rmsnorm_fn(x, weight, None, z=, eps=, group_size=, norm_before_gate=False) (Mamba-2 gated norm).
+Kernels used, with mamba-ssm 2.3.1 / causal-conv1d 1.5 signatures (the fused ones are what
+mamba-ssm's own modules train with):
+  mamba_inner_fn(xz (b, 2E, l), conv1d.weight, conv1d.bias, x_proj.weight, dt_proj.weight,
+      out_proj.weight, out_proj.bias, A, None, None, D, delta_bias=, delta_softplus=True)
+      (Mamba-1, one autograd op from in_proj's output to out_proj's, recomputing the conv and
+      delta in its backward): used when the window has no document starts, since it has no reset.
+  causal_conv1d_fn(x (b, d, l), weight (d, w), bias, seq_idx (b, l) int32, activation="silu") and
+  selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus) (Mamba-1 with document
+      starts): seq_idx resets the conv; it needs x channel-last (stride(1) == 1), i.e. a (b, d, l)
+      view of (b, l, d)-contiguous memory, which is what the mixers hold. The scan has no reset
+      and is called through ops.selective_scan.scan_with_resets, which makes the decay into each
+      document's first token exactly zero (a per-channel delta large enough that exp(delta * A)
+      underflows, the input rescaled to match): exact isolation, at the cost of a few elementwise
+      passes outside the fused kernel.
+  mamba_split_conv1d_scan_combined(zxbcdt, conv1d.weight (d, w), conv1d.bias, dt_bias, A, D,
+      chunk_size, seq_idx=, rmsnorm_weight=, rmsnorm_eps=, outproj_weight=, outproj_bias=,
+      headdim=, ngroups=, norm_before_gate=False) (Mamba-2, in_proj's output to out_proj's in one
+      op, mamba-ssm's "mem-efficient path"): state reset at seq_idx changes, exact isolation.
+  rms_norm_fn(x, weight, None, residual=, prenorm=, residual_in_fp32=, eps=) (mamba_ssm.ops.triton.
+      layer_norm): each block's residual add + RMSNorm, and the final one, in one kernel.
 """
 from __future__ import annotations
 
@@ -41,14 +49,15 @@ def _probe() -> tuple[dict | None, str]:
     """Import the kernels once: (dict of functions or None, reason when unavailable)."""
     try:
         from causal_conv1d import causal_conv1d_fn
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn
+        from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
+        from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
     except Exception as exc:  # noqa: BLE001 - Triton/driver problems raise more than ImportError
         return None, f"{type(exc).__name__}: {exc}"
     fns = {
         "causal_conv1d_fn": causal_conv1d_fn, "selective_scan_fn": selective_scan_fn,
-        "rmsnorm_fn": rmsnorm_fn, "mamba_chunk_scan_combined": mamba_chunk_scan_combined,
+        "mamba_inner_fn": mamba_inner_fn, "rms_norm_fn": rms_norm_fn,
+        "mamba_split_conv1d_scan_combined": mamba_split_conv1d_scan_combined,
     }
     return fns, ""
 
@@ -76,7 +85,8 @@ def _log_once(message: str) -> None:
 
 
 def use_cuda(mode: str, tensor: torch.Tensor, op: str) -> bool:
-    """Whether `op` ("selective scan", "ssd scan") runs on the kernels for this input; logs once."""
+    """Whether `op` ("selective scan", "ssd scan", "add+norm") runs on the kernels for this input;
+    logs the choice once per op."""
     if mode not in KERNEL_MODES:
         raise ValueError(f"model.kernels={mode!r}: choose one of {KERNEL_MODES}")
     if mode == "cuda":
@@ -87,7 +97,7 @@ def use_cuda(mode: str, tensor: torch.Tensor, op: str) -> bool:
                 "CUDA tensors. Move the model to a GPU or set model.kernels to 'auto' or 'torch'."
             )
     use = mode != "torch" and tensor.is_cuda and cuda_kernels_available()[0]
-    _log_once(f"{op}: {'mamba-ssm CUDA kernel' if use else 'torch chunked'} (model.kernels={mode})")
+    _log_once(f"{op}: {'mamba-ssm CUDA kernel' if use else 'torch'} (model.kernels={mode})")
     return use
 
 
@@ -104,24 +114,38 @@ def conv1d_silu(x, weight, bias, seq_idx):
     return fn(x, weight[:, 0, :], bias, seq_idx=seq_idx, activation="silu")
 
 
-def selective_scan(u, delta, A, B, C, D, z, delta_bias, reset=None):
-    """mamba-ssm's selective scan (delta_softplus=True); shapes as ops.selective_scan. reset
-    (batch, L) bool document starts, where the state restarts from zero (module doc)."""
-    fn = _probe()[0]["selective_scan_fn"]
-    if reset is None:
-        return fn(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True)
-    return scan_with_resets(fn, u, delta, A, B, C, D, z, delta_bias, reset)
+def selective_scan_with_resets(u, delta, A, B, C, D, z, delta_bias, reset):
+    """mamba-ssm's selective scan (delta_softplus=True) with the state restarting from zero at
+    reset (batch, L) bool document starts (module doc); shapes as ops.selective_scan."""
+    return scan_with_resets(_probe()[0]["selective_scan_fn"], u, delta, A, B, C, D, z, delta_bias, reset)
 
 
-def ssd_scan(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx):
-    """mamba-ssm's chunked SSD scan (dt_softplus=True); shapes as ops.ssd.ssd_chunked."""
-    return _probe()[0]["mamba_chunk_scan_combined"](
-        x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True, seq_idx=seq_idx,
+def mamba1_fused(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_weight, out_bias, A, D,
+                 delta_bias):
+    """Mamba-1 mixer from in_proj's output xz (b, 2E, l) to out_proj's output (b, l, d_model), one
+    document per row (no reset). Weights as the Mamba module holds them; A (E, N) = -exp(A_log)."""
+    return _probe()[0]["mamba_inner_fn"](
+        xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_weight, out_bias, A, None, None, D,
+        delta_bias=delta_bias, delta_softplus=True,
     )
 
 
-def rms_norm_gated(x, z, weight, eps, group_size):
-    """mamba-ssm's fused rmsnorm(x * silu(z)) * weight over groups (norm_before_gate=False)."""
-    return _probe()[0]["rmsnorm_fn"](
-        x, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=False,
+def mamba2_fused(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, seq_idx, norm_weight, norm_eps,
+                 out_weight, out_bias, headdim, ngroups):
+    """Mamba-2 mixer from in_proj's output zxbcdt (b, l, 2E + 2GN + H) to out_proj's output
+    (b, l, d_model): conv, SSD scan with resets at seq_idx changes, gated RMSNorm (gate after the
+    norm's input, norm_before_gate=False), out_proj. D (H,), one skip weight per head."""
+    return _probe()[0]["mamba_split_conv1d_scan_combined"](
+        zxbcdt, conv_weight[:, 0, :], conv_bias, dt_bias, A, D, chunk_size, seq_idx=seq_idx,
+        rmsnorm_weight=norm_weight, rmsnorm_eps=norm_eps, outproj_weight=out_weight, outproj_bias=out_bias,
+        headdim=headdim, ngroups=ngroups, norm_before_gate=False,
+    )
+
+
+def add_rms_norm(hidden, residual, weight, eps, residual_in_fp32, prenorm=True):
+    """residual' = hidden + residual (just hidden when residual is None), normed = RMSNorm(residual')
+    in one kernel. Returns (normed, residual') with prenorm, else normed; residual' is float32 with
+    residual_in_fp32. hidden, residual (batch, L, d_model)."""
+    return _probe()[0]["rms_norm_fn"](
+        hidden, weight, None, residual=residual, prenorm=prenorm, residual_in_fp32=residual_in_fp32, eps=eps,
     )

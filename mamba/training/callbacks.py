@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import resource
 
 import torch
 from composer.algorithms import GradientClipping
@@ -28,11 +29,25 @@ from composer.utils import dist
 from torch.distributed.tensor import DTensor
 
 from mamba.config.schema import TrainConfig
+from mamba.training.device_peaks import peak_flops_per_device
 from mamba.training.metrics_file import JSONLinesLogger
-from mamba.training.monitor import MemoryMonitor, peak_flops_per_device
 from mamba.training.signals import MissingLatestCheckpoint, SigtermCheckpoint
 
 log = logging.getLogger(__name__)
+
+
+class MemoryMonitor(Callback):
+    """Logs this rank's peak memory after every batch, in GiB.
+
+    GPU: torch.cuda.max_memory_allocated (tensors only, not the caching allocator's reserve).
+    CPU: the process's peak resident set size (ru_maxrss, in KiB on Linux).
+    """
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if torch.cuda.is_available() and state.device.name == "gpu":
+            logger.log_metrics({"memory/max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30})
+        else:
+            logger.log_metrics({"memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
 
 
 class NonFiniteLossError(RuntimeError):

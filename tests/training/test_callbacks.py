@@ -17,7 +17,7 @@ from mamba.model.composer_model import ComposerMambaLM
 from mamba.model.lm import MambaConfig, MambaLMHeadModel
 from mamba.training.callbacks import GradientGuard, NonFiniteLossError
 from mamba.training.metrics_file import JSONLinesLogger, read_metrics
-from mamba.training.monitor import gpu_peak_flops
+from mamba.training.device_peaks import gpu_peak_flops
 from mamba.training.signals import MissingLatestCheckpoint
 
 SEQ = 32

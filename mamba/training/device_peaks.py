@@ -1,18 +1,16 @@
-"""What a device can do and what it uses: peak FLOP/s for MFU, and peak memory.
+"""What a device can do: peak FLOP/s for MFU (the denominator).
 
 MFU = achieved model FLOP/s per device (the model's flops_per_batch, forward + backward, summed
 over ranks by Composer's SpeedMonitor) / the device's peak dense FLOP/s at the run's precision.
+No Composer here, so that benchmarks/model_gpu.py can use the same table on a machine without it.
 """
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from typing import Optional
 
 import torch
-from composer.core import Callback, State
-from composer.loggers import Logger
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +81,3 @@ def peak_flops_per_device(configured: Optional[float], device: str, precision: s
     log.info("MFU on CPU is relative to a measured float32 matmul peak of %.3g FLOP/s per rank "
              "(set logging.peak_flops_per_device to override)", peak)
     return peak
-
-
-class MemoryMonitor(Callback):
-    """Logs this rank's peak memory after every batch, in GiB.
-
-    GPU: torch.cuda.max_memory_allocated (tensors only, not the caching allocator's reserve).
-    CPU: the process's peak resident set size (ru_maxrss, in KiB on Linux).
-    """
-
-    def batch_end(self, state: State, logger: Logger) -> None:
-        if torch.cuda.is_available() and state.device.name == "gpu":
-            logger.log_metrics({"memory/max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30})
-        else:
-            logger.log_metrics({"memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})

@@ -80,6 +80,27 @@ def test_parquet_and_saved_dataset(tmp_path):
         pack([tmp_path / "t.parquet"], tmp_path / "o2", tokenizer="byte", text_field="missing")
 
 
+def test_hf_name_spec_reaches_load_dataset_with_its_split(tmp_path, monkeypatch):
+    """`hf:ORG/NAME:SPLIT` is datasets.load_dataset(ORG/NAME, split=SPLIT). Offline, load_dataset
+    resolves a name that is a local directory of data files before asking the hub; a directory
+    named like a hub repository, with train and test files, stands in for it."""
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # its cache, not the user's
+    monkeypatch.chdir(tmp_path)
+    texts = stdlib_texts(5)
+    repo = tmp_path / "org" / "corpus"
+    repo.mkdir(parents=True)
+    for split, rows in (("train", texts[:3]), ("test", texts[3:])):
+        (repo / f"{split}.jsonl").write_text("".join(json.dumps({"content": t}) + "\n" for t in rows))
+    m = pack(["hf:org/corpus:test"], tmp_path / "o", tokenizer="byte")
+    assert texts_of(tmp_path / "o", m) == texts[3:]
+    assert [(s["path"], s["documents"]) for s in m["sources"]] == [("hf:org/corpus:test", 2)]
+    m = pack(["hf:org/corpus"], tmp_path / "o2", tokenizer="byte")  # split defaults to train
+    assert texts_of(tmp_path / "o2", m) == texts[:3]
+
+
 def test_directory_inputs_keep_dataset_dirs_whole(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"text": ["a", "b"]}).save_to_disk(str(tmp_path / "d" / "ds"))

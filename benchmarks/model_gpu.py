@@ -18,7 +18,7 @@ Rows per shape and mixer:
                       does not import
 tokens/s = micro_batch * seq * steps / seconds (synchronised), MFU = tokens/s * training FLOPs per
 token (mamba/model/flops.py: forward + backward, the same formula for both) / the GPU's bf16 dense
-peak (mamba/training/device_peaks.py), memory = torch.cuda.max_memory_allocated.
+peak (mamba/device_peaks.py), memory = torch.cuda.max_memory_allocated.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mamba.model import MambaConfig, MambaLMHeadModel  # noqa: E402
 from mamba.model.flops import flops_per_token  # noqa: E402
-from mamba.training.device_peaks import gpu_peak_flops  # noqa: E402
+from mamba.device_peaks import gpu_peak_flops  # noqa: E402
 
 VOCAB = 50277  # GPT-NeoX's tokenizer, the state-spaces checkpoints' (padded to 50280)
 # (d_model, n_layer) of state-spaces/mamba-130m, -370m and mamba2-130m, -370m (their config.json).

@@ -34,21 +34,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from mamba.device_peaks import gpu_peak_flops
+
 GIB = 1024**3
 
-# name: (memory in GB as sold, dense bf16 peak TFLOP/s without sparsity), from the vendors' data
-# sheets (NVIDIA H100 SXM, H200 SXM, A100, L40S, L4, A10 data sheets; AMD MI250X, MI300X).
+# name: memory in GB as sold (the vendors' data sheets: NVIDIA H100 SXM, H200 SXM, B200, A100,
+# L40S, L4, A10; AMD MI250X, MI300X).
+GPU_MEMORY_GB: dict[str, float] = {
+    "H100-80GB": 80, "H200-141GB": 141, "B200-180GB": 180, "A100-40GB": 40, "A100-80GB": 80,
+    "L40S-48GB": 48, "A10-24GB": 24, "L4-24GB": 24, "MI250X-128GB": 128, "MI300X-192GB": 192,
+}
+# name: (memory in GB, dense bf16 peak TFLOP/s from the one peak table, mamba/device_peaks.py).
 GPUS: dict[str, tuple[float, float]] = {
-    "H100-80GB": (80, 989.5),
-    "H200-141GB": (141, 989.5),
-    "B200-180GB": (180, 2250.0),
-    "A100-40GB": (40, 312.0),
-    "A100-80GB": (80, 312.0),
-    "L40S-48GB": (48, 362.05),
-    "A10-24GB": (24, 125.0),
-    "L4-24GB": (24, 121.0),
-    "MI250X-128GB": (128, 383.0),
-    "MI300X-192GB": (192, 1307.4),
+    name: (gb, gpu_peak_flops(name, "amp_bf16") / 1e12) for name, gb in GPU_MEMORY_GB.items()
 }
 
 

@@ -192,7 +192,7 @@ class LoggingConfig:
     """Weights & Biases project to log to; needs `pip install wandb` and a login. null: off."""
     peak_flops_per_device: Optional[float] = None
     """Peak FLOP/s of one device, the MFU denominator; null: looked up from the device name
-    (mamba/training/device_peaks.py), or on CPU measured with a float32 matmul at start-up."""
+    (mamba/device_peaks.py), or on CPU measured with a float32 matmul at start-up."""
 
 
 @dataclass

@@ -29,7 +29,7 @@ from composer.utils import dist
 from torch.distributed.tensor import DTensor
 
 from mamba.config.schema import TrainConfig
-from mamba.training.device_peaks import peak_flops_per_device
+from mamba.device_peaks import peak_flops_per_device
 from mamba.training.metrics_file import JSONLinesLogger
 from mamba.training.signals import MissingLatestCheckpoint, SigtermCheckpoint
 

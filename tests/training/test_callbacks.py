@@ -17,7 +17,7 @@ from mamba.model.composer_model import ComposerMambaLM
 from mamba.model.lm import MambaConfig, MambaLMHeadModel
 from mamba.training.callbacks import GradientGuard, NonFiniteLossError
 from mamba.training.metrics_file import JSONLinesLogger, read_metrics
-from mamba.training.device_peaks import gpu_peak_flops
+from mamba.device_peaks import gpu_peak_flops
 from mamba.training.signals import MissingLatestCheckpoint
 
 SEQ = 32
@@ -141,14 +141,16 @@ def test_skip_drops_exactly_the_bad_step_and_training_goes_on(tmp_path):
 
 
 @pytest.mark.parametrize("name, precision, peak", [
-    ("NVIDIA H100 80GB HBM3", "amp_bf16", 989e12),
-    ("NVIDIA H100 PCIe", "amp_bf16", 756e12),
+    ("NVIDIA H100 80GB HBM3", "amp_bf16", 989.5e12),
+    ("NVIDIA H100 PCIe", "amp_bf16", 756.5e12),
     ("NVIDIA H100 NVL", "fp32", 417.5e12),
-    ("NVIDIA H200", "amp_bf16", 989e12),
+    ("NVIDIA H200", "amp_bf16", 989.5e12),
     ("NVIDIA A100-SXM4-80GB", "amp_bf16", 312e12),
     ("NVIDIA A100 80GB PCIe", "fp32", 156e12),
     ("NVIDIA L4", "amp_bf16", 121e12),
-    ("NVIDIA L40S", "amp_bf16", 362e12),
+    ("NVIDIA L40S", "amp_bf16", 362.05e12),
+    ("AMD Instinct MI300X", "amp_bf16", 1307.4e12),
+    ("H100-80GB", "amp_bf16", 989.5e12),  # create_mamba_config.py's --gpu names
     ("Tesla T4", "amp_bf16", None),
 ])
 def test_gpu_peak_table_lookup(name, precision, peak):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -85,9 +86,18 @@ def train(cfg: TrainConfig) -> Trainer:
         autoresume=t.autoresume,
     )
     average_gloo_gradients(trainer.state.model.model)
-    trainer.fit()
-    if t.export_hf and not sigterm_received():  # after SIGTERM the job must exit, not export
-        export_final_model(trainer, cfg, Path(save_folder) / "hf")
+    export_dir = Path(save_folder) / "hf"
+    # A job requeued after its final checkpoint (preempted while exiting) resumes a finished run:
+    # Composer's fit() would refuse it ("No training would occur"); there is nothing left but the
+    # export, if the first job did not get to it (it appears whole, by rename, or not at all).
+    finished = trainer.state.timestamp.get(trainer.state.max_duration.unit) >= trainer.state.max_duration
+    if finished:
+        log.info("run %s already reached max_duration %s (checkpoints in %s): nothing to train",
+                 cfg.run_name, t.max_duration, save_folder)
+    else:
+        trainer.fit()
+    if t.export_hf and not sigterm_received() and not (finished and export_dir.exists()):
+        export_final_model(trainer, cfg, export_dir)  # after SIGTERM the job must exit, not export
     return trainer
 
 
@@ -123,6 +133,8 @@ def export_final_model(trainer: Trainer, cfg: TrainConfig, out_dir: Path) -> Non
     state = get_model_state_dict(trainer.state.model.model,
                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_global_rank() == 0:
+        if out_dir.exists():  # the export of an earlier end of this run, before max_duration was raised
+            shutil.rmtree(out_dir)
         model = build_model(cfg.model, device="cpu")
         model.load_state_dict(state)
         model.tie_weights()

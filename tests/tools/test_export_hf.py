@@ -5,6 +5,7 @@ The exported directory must load in HF transformers (model and tokenizer) and gi
 model's logits (float32, |diff| <= 1e-5 * (1 + max|logits|)), or exactly its weights.
 """
 import importlib.util
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -122,6 +123,43 @@ def test_sharded_fsdp2_checkpoint_exports(trained, one_rank_gloo):
     for key, value in hf.state_dict().items():
         ours = full["backbone.embedding.weight" if key == "backbone.embeddings.weight" else key]
         assert torch.equal(value, ours), key
+
+
+def test_resuming_a_finished_run_only_exports_and_a_longer_run_re_exports(trained):
+    """A job requeued after its final checkpoint resumes a finished run: it must exit cleanly
+    (Composer's fit() would refuse it) and export only if that is missing; raising max_duration
+    and resuming trains on and replaces the export with the new final weights."""
+    work, _, _ = trained
+    save_folder = work / "finished"
+    overrides = [
+        "run_name=finished", f"data.sources=[{{path: '{work / 'packed'}'}}]", "data.seq_len=32",
+        "data.num_workers=0", "model.d_model=32", "model.n_layer=2", "model.vocab_size=300",
+        "trainer.global_batch_size=2", "trainer.micro_batch_size=2", "trainer.save_interval=2ba",
+        "trainer.device=cpu", "logging.progress_bar=false", f"trainer.save_folder={save_folder}",
+        "fsdp.state_dict_type=full", "scheduler.t_warmup=1ba", "logging.metrics_file=null",
+        "trainer.export_hf=true", "trainer.autoresume=true",
+    ]
+    hf_weights = save_folder / "hf" / "model.safetensors"
+
+    def run(max_duration):
+        trainer = train(load_config(None, [*overrides, f"trainer.max_duration={max_duration}"]))
+        batches = int(trainer.state.timestamp.batch)
+        trainer.close()
+        return batches
+
+    assert run("2ba") == 2 and hf_weights.is_file()
+    first_export = hf_weights.read_bytes()
+    checkpoints = sorted(p.name for p in save_folder.glob("*.pt"))
+    assert run("2ba") == 2  # the requeued job: nothing trained, nothing written
+    assert sorted(p.name for p in save_folder.glob("*.pt")) == checkpoints
+    assert hf_weights.read_bytes() == first_export
+    shutil.rmtree(save_folder / "hf")  # preempted before its export: the resumed job exports
+    assert run("2ba") == 2 and hf_weights.read_bytes() == first_export
+    assert run("4ba") == 4  # trained on: the export is the new final model
+    assert hf_weights.read_bytes() != first_export
+    final = MambaForCausalLM.from_pretrained(save_folder / "hf")
+    resumed, _ = load_model_from_checkpoint(resolve_checkpoint(save_folder))
+    assert torch.equal(final.lm_head.weight, resumed.lm_head.weight)
 
 
 def test_missing_config_is_a_clear_error(tmp_path, trained, capsys):

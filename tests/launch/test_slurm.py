@@ -45,7 +45,7 @@ def cluster(tmp_path_factory) -> Path:
     sources = sorted(stdlib.glob("*.py"))[:40]
     sh(sys.executable, "tools/pack.py", "--tokenizer", "bpe:512", "--out", str(work / "packed"), *map(str, sources))
     sh(sys.executable, "create_mamba_config.py", "--preset", "tiny", "--data", str(work / "packed"),
-       "--out", str(work / "tiny.yaml"), "model.d_model=64", "model.n_layer=2", "data.seq_len=64",
+       "--out", str(work / "tiny.yaml"), "model.d_model=64", "model.n_layer=2", "data.seq_len=256",
        "trainer.global_batch_size=8", "trainer.micro_batch_size=2", "scheduler.t_warmup=4ba",
        f"trainer.max_duration={BATCHES}ba", "trainer.save_interval=4ba", "logging.progress_bar=false",
        "logging.log_interval=1ba", f"trainer.save_folder={work}/{{run_name}}/ckpt",
@@ -71,7 +71,7 @@ def wait_for(condition, what: str, timeout: float = 240) -> None:
     end = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < end, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(1)
+        time.sleep(0.25)  # short: the interrupts below must land before a ~4 s run ends
 
 
 def wait_done(job: int, log: Path) -> None:

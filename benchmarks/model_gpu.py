@@ -34,6 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mamba.model import MambaConfig, MambaLMHeadModel  # noqa: E402
 from mamba.model.flops import flops_per_token  # noqa: E402
+from mamba.model.ops.kernels import cuda_kernels_available  # noqa: E402
 from mamba.device_peaks import gpu_peak_flops  # noqa: E402
 
 VOCAB = 50277  # GPT-NeoX's tokenizer, the state-spaces checkpoints' (padded to 50280)
@@ -129,7 +130,10 @@ def main() -> None:
     ids = torch.randint(0, VOCAB, (args.micro_batch, args.seq + 1), generator=generator).to(device)
     inputs, labels = ids[:, :-1], ids[:, 1:]
     positions = packed_positions(args.micro_batch, args.seq, args.doc_len, generator).to(device)
-    print(f"device: {name}; bf16 peak {peak / 1e12:.0f} TFLOP/s" if peak else f"device: {name}; no peak known")
+    print(f"device: {name}; bf16 peak {peak / 1e12:.1f} TFLOP/s" if peak else f"device: {name}; no peak known")
+    ok, why = cuda_kernels_available()
+    on_kernels = ok and device.type == "cuda"
+    print("ours runs on mamba-ssm's kernels" if on_kernels else f"ours runs on the torch ops ({why or 'no GPU'})")
     print(f"seq {args.seq}, micro batch {args.micro_batch}, {args.steps} timed steps after {args.warmup}; "
           f"{int((positions == 0).sum())} document starts in the documents rows\n")
     print("| shape | mixer | impl | tokens/s | MFU | peak GiB | vs mamba-ssm |")

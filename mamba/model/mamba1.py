@@ -15,7 +15,7 @@ Per token, with E = d_inner = expand * d_model, N = d_state, R = dt_rank:
 which is mamba-ssm's `Mamba.forward` slow path (the one without the fused CUDA kernel). The one
 addition is `reset`: document starts inside a packed window, where the conv and the SSM state
 restart from zero (document isolation). On CUDA with mamba-ssm importable the mixer runs on its
-kernels (ops/kernels.py): the fused mamba_inner_fn for windows without document starts; with them
+kernels (ops/kernels.py): the fused mamba_inner_fn when no document starts are given; with them
 the conv and the scan separately (the scan's resets via ops.selective_scan.scan_with_resets).
 """
 from __future__ import annotations

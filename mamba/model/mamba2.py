@@ -110,7 +110,6 @@ class Mamba2(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states (batch, L, d_model); reset (batch, L) bool, True at document starts."""
-        gn = self.ngroups * self.d_state
         zxbcdt = self.in_proj(hidden_states)  # (batch, L, 2E + 2GN + H)
         A = -torch.exp(self.A_log.float())  # (H,), negative
         D, dt_bias = self.D.float(), self.dt_bias.float()
@@ -121,6 +120,7 @@ class Mamba2(nn.Module):
                 self.norm.weight, self.norm.eps, self.out_proj.weight, self.out_proj.bias, self.headdim,
                 self.ngroups,
             )
+        gn = self.ngroups * self.d_state
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.d_inner + 2 * gn, self.nheads], dim=-1)
         xBC = F.silu(causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, reset))
         xBC = xBC.transpose(1, 2)  # (batch, L, E + 2GN)

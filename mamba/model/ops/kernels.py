@@ -14,7 +14,8 @@ mamba-ssm's own modules train with):
   mamba_inner_fn(xz (b, 2E, l), conv1d.weight, conv1d.bias, x_proj.weight, dt_proj.weight,
       out_proj.weight, out_proj.bias, A, None, None, D, delta_bias=, delta_softplus=True)
       (Mamba-1, one autograd op from in_proj's output to out_proj's, recomputing the conv and
-      delta in its backward): used when the window has no document starts, since it has no reset.
+      delta in its backward): used when no document starts are given (document_isolation off, or
+      no position_ids), since it has no reset.
   causal_conv1d_fn(x (b, d, l), weight (d, w), bias, seq_idx (b, l) int32, activation="silu") and
   selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus) (Mamba-1 with document
       starts): seq_idx resets the conv; it needs x channel-last (stride(1) == 1), i.e. a (b, d, l)

@@ -142,6 +142,7 @@ def scan_with_resets(scan, u, delta, A, B, C, D, z, delta_bias, reset):
             y = y * F.silu(z.to(cdtype))
     return y.to(u.dtype)
 
+
 def _chunked(x, chunk):
     """(batch, L, *rest) -> (batch, nc, T, *rest), zero-padded at the end of time to nc * T.
 

@@ -41,6 +41,17 @@ def load_tool(name: str):
 export_tool = load_tool("export_hf")
 
 
+def tiny_run(work: Path, run_name: str, save_folder: Path) -> list[str]:
+    """Overrides for a 2-layer CPU run on work/packed saving full checkpoints every 2 batches."""
+    return [
+        f"run_name={run_name}", f"data.sources=[{{path: '{work / 'packed'}'}}]", "data.seq_len=32",
+        "data.num_workers=0", "model.d_model=32", "model.n_layer=2", "model.vocab_size=300",
+        "trainer.global_batch_size=2", "trainer.micro_batch_size=2", "trainer.save_interval=2ba",
+        "trainer.device=cpu", "logging.progress_bar=false", f"trainer.save_folder={save_folder}",
+        "fsdp.state_dict_type=full", "scheduler.t_warmup=1ba", "logging.metrics_file=null",
+    ]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Pack 12 stdlib modules with a fresh BPE, train 2 batches on CPU, save a full checkpoint."""
@@ -51,14 +62,8 @@ def trained(tmp_path_factory):
                            *sources], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     save_folder = work / "ckpt"
-    cfg = load_config(None, [
-        "run_name=export", f"data.sources=[{{path: '{work / 'packed'}'}}]", "data.seq_len=32",
-        "data.num_workers=0", "model.d_model=32", "model.n_layer=2", "model.vocab_size=300",
-        "model.tie_embeddings=false", "trainer.global_batch_size=2", "trainer.micro_batch_size=2",
-        "trainer.max_duration=2ba", "trainer.save_interval=2ba", "trainer.device=cpu",
-        "logging.progress_bar=false", f"trainer.save_folder={save_folder}", "fsdp.state_dict_type=full",
-        "scheduler.t_warmup=1ba", "logging.metrics_file=null",
-    ])
+    cfg = load_config(None, [*tiny_run(work, "export", save_folder), "model.tie_embeddings=false",
+                             "trainer.max_duration=2ba"])
     trainer = train(cfg)
     model = trainer.state.model.model.eval()
     trainer.close()
@@ -131,14 +136,7 @@ def test_resuming_a_finished_run_only_exports_and_a_longer_run_re_exports(traine
     and resuming trains on and replaces the export with the new final weights."""
     work, _, _ = trained
     save_folder = work / "finished"
-    overrides = [
-        "run_name=finished", f"data.sources=[{{path: '{work / 'packed'}'}}]", "data.seq_len=32",
-        "data.num_workers=0", "model.d_model=32", "model.n_layer=2", "model.vocab_size=300",
-        "trainer.global_batch_size=2", "trainer.micro_batch_size=2", "trainer.save_interval=2ba",
-        "trainer.device=cpu", "logging.progress_bar=false", f"trainer.save_folder={save_folder}",
-        "fsdp.state_dict_type=full", "scheduler.t_warmup=1ba", "logging.metrics_file=null",
-        "trainer.export_hf=true", "trainer.autoresume=true",
-    ]
+    overrides = [*tiny_run(work, "finished", save_folder), "trainer.export_hf=true", "trainer.autoresume=true"]
     hf_weights = save_folder / "hf" / "model.safetensors"
 
     def run(max_duration):

@@ -252,7 +252,7 @@ def pack(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, tokeni
                          for _, _, segs in chunk for text, _ in segs)
                 tok = load_tokenizer(tokenizer, inputs_for_training=texts, save_dir=out, eos=eos)
                 state = {"fingerprint": fingerprint, "trained_sha256": tok.identity["sha256"], "writers": {}}
-                write_json_atomic(journal, state)
+                write_json_atomic(journal, state, indent=None)
             tok = load_tokenizer(str(trained), eos=eos)
             tok.identity.update(kind="bpe", name=tokenizer)
         state = state or {"fingerprint": fingerprint, "writers": {}}
@@ -300,7 +300,7 @@ def pack(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, tokeni
             if wrote:
                 state["writers"] = {s: {"shards": writers[s].shards, "cursor": cursors[s], "counts": at_cursor[s]}
                                     for s in splits}
-                write_json_atomic(journal, state)
+                write_json_atomic(journal, state, indent=None)
 
         total_docs = {s: sum(d for d, _ in counts[s].values()) for s in splits}
         if not total_docs["train"]:
@@ -312,8 +312,9 @@ def pack(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, tokeni
         manifests = {}
         for s in reversed(splits):  # train's index.json last
             shards = writers[s].close()
-            src = [{"path": sources[k], "bytes": Path(sources[k]).stat().st_size if Path(sources[k]).is_file() else None,
-                    "documents": d, "tokens": t} for k, (d, t) in sorted(counts[s].items())]
+            # Sizes as stat-ed for the fingerprint: no second stat of every input.
+            src = [{"path": sources[k], "bytes": fingerprint["inputs"][k][1], "documents": d, "tokens": t}
+                   for k, (d, t) in sorted(counts[s].items())]
             extra = {"bos": add_bos, "eos": add_eos, **({"split": s} if val_fraction > 0 else {})}
             manifests[s] = write_index(dirs[s], shards, tok.identity, tok.eos_id, src, skipped, unmatched,
                                        special_tokens=tok.special_tokens, **extra)

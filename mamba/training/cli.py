@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import sys
 
+import torch
+
 from mamba.config.load import ConfigError, load_config
 from mamba.training.trainer import train
 
@@ -17,6 +19,12 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = load_config(argv[0], argv[1:])
-        train(cfg)
+        trainer = train(cfg)
     except ConfigError as err:  # also the rules that need the world size or the device
         sys.exit(f"config error: {err}")
+    # Close the trainer (its loggers and checkpoint writers may still talk to the other ranks),
+    # then leave the process group: torch's NCCL backend otherwise warns at every run's exit that
+    # destroy_process_group() was not called (seen on an H100).
+    trainer.close()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,41 @@
+"""mamba/train.py's command line (mamba.training.cli.main), in this process: usage, config errors,
+and a tiny run that ends with the trainer closed and the process group released."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mamba.training.cli import USAGE, main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("argv,code", [([], 2), (["--help"], 0)])
+def test_usage(argv, code, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == code and USAGE in capsys.readouterr().out
+
+
+def test_a_misspelled_key_exits_with_the_key_and_a_close_match(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(REPO / "config.yaml"), "trainer.max_durtion=10ba"])
+    message = str(exit_info.value.code)
+    assert message.startswith("config error:") and "max_durtion" in message and "max_duration" in message
+
+
+def test_a_finished_run_leaves_no_process_group(tmp_path):
+    """NCCL warns at exit when a process group is left behind; main() must destroy it."""
+    stdlib = Path(sys.modules["os"].__file__).parent
+    pack = subprocess.run([sys.executable, "tools/pack.py", "--tokenizer", "bpe:300", "--out", str(tmp_path / "packed"),
+                           *map(str, sorted(stdlib.glob("*.py"))[:12])], cwd=REPO, capture_output=True, text=True)
+    assert pack.returncode == 0, pack.stderr[-3000:]
+    main([str(REPO / "config.yaml"), "run_name=cli", f"data.sources=[{{path: '{tmp_path / 'packed'}'}}]",
+          "data.seq_len=32", "data.num_workers=0", "model.d_model=32", "model.n_layer=2", "model.vocab_size=300",
+          "trainer.global_batch_size=2", "trainer.micro_batch_size=2", "trainer.max_duration=2ba",
+          "trainer.save_interval=2ba", "trainer.device=cpu", "logging.progress_bar=false",
+          f"trainer.save_folder={tmp_path / 'ckpt'}", "scheduler.t_warmup=1ba", "logging.metrics_file=null"])
+    assert (tmp_path / "ckpt" / "latest-rank0.pt").exists()
+    assert not torch.distributed.is_initialized()

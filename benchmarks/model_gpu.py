@@ -79,8 +79,8 @@ def time_training(model, loss_of, steps: int, warmup: int, device: torch.device)
     """(seconds per step, peak GiB) of loss_of(model), backward and a (fused on GPU) AdamW step,
     under bf16 autocast on GPU (fp32 on CPU, where autocast would only slow the smoke run)."""
     model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     on_gpu = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=on_gpu)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
 

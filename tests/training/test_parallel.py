@@ -86,9 +86,9 @@ def test_fsdp_mixed_precision_decides_the_dtype_a_log_d_and_dt_bias_reach_the_mi
         tokens = torch.randint(0, 64, (2, 16))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(tokens, labels=tokens).backward()
-        fp32_kept = [n for n in seen if n in ("A_log", "D", "dt_bias", "dt_proj.bias")]
-        assert len(fp32_kept) == 3, (ssm_layer, sorted(seen))  # dt bias: Mamba-1 dt_proj.bias, Mamba-2 dt_bias
-        assert {seen[n] for n in fp32_kept} == {gathered}, (ssm_layer, mode, seen)
+        ssm_params = [n for n in seen if n in ("A_log", "D", "dt_bias", "dt_proj.bias")]
+        assert len(ssm_params) == 3, (ssm_layer, sorted(seen))  # dt bias: Mamba-1 dt_proj.bias, Mamba-2 dt_bias
+        assert {seen[n] for n in ssm_params} == {gathered}, (ssm_layer, mode, seen)
         assert seen["in_proj.weight"] == gathered and seen["in_proj_output"] == torch.bfloat16
         assert mixer.A_log.dtype == torch.float32 and mixer.A_log.grad.dtype == torch.float32
         assert mixer.D.grad.to_local().abs().sum() > 0

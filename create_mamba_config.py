@@ -9,26 +9,29 @@ From the preset (or --d-model/--n-layer/--ssm-layer), the hardware (--nodes, --g
 --tokens-per-param), mamba/config/planner.py derives the micro batch from its memory model,
 gradient accumulation, max duration, warmup, checkpoint interval and activation checkpointing,
 and prints a summary. The vocabulary comes from the data's manifests when the preset has none.
-`key=value` overrides are applied last; the result is loaded back through the strict schema
-(mamba/config/load.py) and renamed into place only when valid. Impossible plans exit with why.
+`key=value` overrides are applied last; the recipe is validated in memory by the strict loader
+(mamba/config/load.py) and the file is written (atomically) only when valid. Impossible plans
+exit with why.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
+from typing import get_args
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from a checkout, uninstalled
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from mamba.config import planner  # noqa: E402
-from mamba.config.load import ConfigError, load_config, to_dict  # noqa: E402
+from mamba.config import ConfigError, planner  # noqa: E402
+from mamba.config.load import load_config, to_dict  # noqa: E402
 from mamba.config.presets import (BATCH_TOKENS, MODEL_PRESETS, SEQ_LEN, TINY_RECIPE,  # noqa: E402
                                   TINY_TOKENS, TOKENS_PER_PARAM)
+from mamba.config.schema import SchedulerName, TrainConfig  # noqa: E402
 from mamba.data.manifest import read_index  # noqa: E402
+from mamba.files import write_atomic  # noqa: E402
 from mamba.model.factory import mamba_config  # noqa: E402
 from mamba.model.flops import flops_per_token  # noqa: E402
 
@@ -50,7 +53,7 @@ def read_manifests(sources: list[dict], flag: str) -> tuple[int, int]:
     for s in sources:
         try:
             index = read_index(s["path"])
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:  # missing, or packed in another layout version
             raise ConfigError(f"{flag} {s['path']}: {e}") from None
         vocab = max(vocab, int(index["tokenizer"]["vocab_size"]))
         tokens += int(index["total_tokens"])
@@ -97,15 +100,16 @@ def build(args: argparse.Namespace) -> tuple[dict, str]:
             raise ConfigError("GPU nodes need --gpu NAME or --gpu-memory GB (or --gpus-per-node 0 for CPU ranks)")
 
     recipe = OmegaConf.merge(
-        OmegaConf.create(to_dict(load_config(None))),  # schema defaults, so sections exist
+        OmegaConf.create(to_dict(TrainConfig())),  # schema defaults, so sections exist
         TINY_RECIPE if name == "tiny" else {},
         {"run_name": args.run_name or f"mamba-{name}",
          "model": model_section(args, data_vocab),
          "data": {"sources": sources, "eval_sources": evals, "seq_len": seq_len}},
     )
-    cfg = load_config_from(recipe)
+    cfg = load_config(recipe)
     m = cfg.model
-    params = planner.parameters(m)
+    size = planner.measure_model(m)
+    params = size.params
     if args.tokens:
         tokens = int(args.tokens)
     elif args.tokens_per_param or name != "tiny":
@@ -113,7 +117,7 @@ def build(args: argparse.Namespace) -> tuple[dict, str]:
     else:
         tokens = TINY_TOKENS
     try:
-        pl = planner.plan(m, ranks=ranks, seq_len=seq_len,
+        pl = planner.plan(size, ranks=ranks, seq_len=seq_len,
                           global_batch_tokens=int(args.global_batch_tokens or BATCH_TOKENS.get(name, 2**20)),
                           tokens=tokens, gpu_gb=gpu_gb, peak_tflops=peak, mfu=args.mfu,
                           flops_per_token=flops_of(cfg))
@@ -137,29 +141,12 @@ def build(args: argparse.Namespace) -> tuple[dict, str]:
     return OmegaConf.to_container(recipe), text
 
 
-def load_config_from(recipe) -> object:
-    """Validate an in-memory recipe with the same strict loader as a file."""
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-        f.write(OmegaConf.to_yaml(recipe))
-        f.flush()
-        return load_config(f.name)
-
-
 def write(recipe: dict, overrides: list[str], out: Path, header: str) -> None:
     """Validate recipe + overrides through the schema, then write the full config atomically."""
+    cfg = load_config(recipe, overrides)
+    text = f"# {header}\n" + OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(OmegaConf.to_yaml(recipe))
-        cfg = load_config(tmp, overrides)
-        with open(tmp, "w") as f:
-            f.write(f"# {header}\n")
-            f.write(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(out, lambda f: f.write(text.encode("utf-8")))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -182,7 +169,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--global-batch-tokens", type=float, help="tokens per optimizer step")
     p.add_argument("--tokens", type=float, help="token budget, e.g. 30e9")
     p.add_argument("--tokens-per-param", type=float, help=f"budget as a multiple of the parameters (default {TOKENS_PER_PARAM:g})")
-    p.add_argument("--scheduler", default="cosine", choices=["cosine", "linear", "constant", "wsd"])
+    p.add_argument("--scheduler", default="cosine", choices=get_args(SchedulerName))
     p.add_argument("--out", required=True, type=Path, help="YAML file to write")
     p.add_argument("--run-name", help="default: mamba-<preset>")
     p.add_argument("overrides", nargs="*", help="section.key=value, applied last")

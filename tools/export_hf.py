@@ -17,7 +17,7 @@ from pathlib import Path
 if importlib.util.find_spec("mamba") is None:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mamba.config.load import ConfigError  # noqa: E402
+from mamba.config import ConfigError  # noqa: E402
 from mamba.model.hf import CheckpointMismatchError, export_hf  # noqa: E402
 from mamba.training.checkpoint_io import load_model_from_checkpoint, resolve_checkpoint, run_tokenizer  # noqa: E402
 

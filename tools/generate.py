@@ -19,7 +19,7 @@ if importlib.util.find_spec("mamba") is None:  # run from a checkout without ins
 
 import torch  # noqa: E402
 
-from mamba.config.load import ConfigError  # noqa: E402
+from mamba.config import ConfigError  # noqa: E402
 from mamba.data.tokenizer import load_tokenizer  # noqa: E402
 from mamba.model.generation import generate  # noqa: E402
 from mamba.model.hf import CheckpointMismatchError, model_from_pretrained  # noqa: E402

@@ -1,8 +1,13 @@
 """From "N nodes of M GPUs and T tokens" to batch sizes, durations and a summary.
 
+Every size below is read off the model itself, built on the meta device (shapes, no memory):
+`measure_model` counts its parameters and its largest FSDP unit and reads the mixer's widths, so
+the planner keeps no parameter formulas (and no dt_rank rule) of its own.
+
 Memory model, bytes per GPU (P = parameters, S = ranks the parameters are sharded over, B = micro
-batch in windows, L = seq_len, l = n_layer, d = d_model, E = expand * d, N = d_state,
-R = dt_rank, V = padded vocab):
+batch in windows, L = seq_len, l = n_layer, d = d_model, E = d_inner, V = padded vocab,
+W = the per-token width of the scan's inputs dt, B and C: Mamba-1's x_proj output R + 2N with
+R = dt_rank and N = d_state; Mamba-2's in_proj outputs beyond x and z, H + 2GN):
 
     states       16 P / S     fp32 parameters (they are AdamW's master weights: Composer's
                               amp_bf16 autocasts, it does not keep a second copy) 4 P, fp32 grads
@@ -23,11 +28,14 @@ mamba-ssm kernels, which recompute the (E, N) scan states in backward instead of
 (Gu & Dao 2023, Sec. 3.3.2):
 
     block_act = 4d (fp32 residual) + 2d (normed input) + 2*2E (in_proj: x, z) + 2E (conv out)
-                + 2E (silu) + 2(R + 2N) (x_proj) + 4E (dt, fp32) + 2E (scan out y) + 2E (gated)
+                + 2E (silu) + 2W (x_proj: dt, B, C) + 4E (dt, fp32) + 2E (scan out y) + 2E (gated)
 
 Without activation checkpointing a = l * block_act. With it, each block keeps only its input
 (4d + 2d) and one block at a time is recomputed: a = l * 6d + block_act. Mamba-2 blocks are
 counted with the same terms (their (H, N) chunk states are likewise recomputed).
+
+This module imports mamba.model (to build the model), so mamba/config/__init__.py does not import
+it: mamba.model imports mamba.config.schema.
 """
 from __future__ import annotations
 
@@ -35,6 +43,7 @@ import math
 from dataclasses import dataclass
 
 from mamba.device_peaks import gpu_peak_flops
+from mamba.model.factory import build_model
 
 GIB = 1024**3
 
@@ -54,64 +63,59 @@ class PlanError(ValueError):
     """A request that cannot be trained as asked; the message says why and what to change."""
 
 
-def dt_rank(d_model: int) -> int:
-    return math.ceil(d_model / 16)  # mamba-ssm's "auto"
+@dataclass(frozen=True)
+class ModelSize:
+    """What the memory model needs to know of a model (module docstring's letters)."""
+
+    params: int          # P: all parameters, a tied head counted once
+    largest_unit: int    # parameters of the largest FSDP unit: a block, or the embedding/head
+    n_layer: int         # l
+    d_model: int         # d
+    d_inner: int         # E
+    scan_inputs: int     # W: per-token width of dt, B and C
+    padded_vocab: int    # V
 
 
-def padded_vocab(model) -> int:
-    return model.vocab_size + (-model.vocab_size % model.pad_vocab_size_multiple)
+def measure_model(model_cfg) -> ModelSize:
+    """Build the model of `model_cfg` (the `model:` section) on the meta device and read its sizes."""
+    model = build_model(model_cfg, device="meta")
+    block = model.backbone.layers[0]
+    mixer = block.mixer
+    if model_cfg.ssm_layer == "mamba1":  # x_proj(x) = [dt (R), B (N), C (N)]
+        scan_inputs = mixer.x_proj.out_features
+    else:  # mamba2: in_proj(u) = [z (E), x (E), B (GN), C (GN), dt (H)]
+        scan_inputs = mixer.in_proj.out_features - 2 * mixer.d_inner
+    embedding = model.backbone.embedding.weight  # (V, d); an untied head has the same shape
+    return ModelSize(
+        params=model.num_parameters(),
+        largest_unit=max(sum(p.numel() for p in block.parameters()), embedding.numel()),
+        n_layer=len(model.backbone.layers), d_model=embedding.shape[1], d_inner=mixer.d_inner,
+        scan_inputs=scan_inputs, padded_vocab=embedding.shape[0],
+    )
 
 
-def block_parameters(model) -> int:
-    """Parameters of one block (norm + mixer) with mamba-ssm's layer shapes."""
-    d, n, k = model.d_model, model.d_state, model.d_conv
-    e = model.expand * d
-    if model.ssm_layer == "mamba2":
-        # mamba_ssm/modules/mamba2.py: in_proj -> [z, x, B, C, dt], conv over [x, B, C],
-        # per-head dt_bias, A_log, D, a gated RMSNorm over E, out_proj.
-        g, h = getattr(model, "ngroups", 1), e // getattr(model, "headdim", 64)
-        conv_dim = e + 2 * g * n
-        mixer = d * (2 * e + 2 * g * n + h) + conv_dim * (k + 1) + 3 * h + e + e * d
-    else:
-        r = dt_rank(d)
-        # in_proj, conv1d (+bias), x_proj, dt_proj (+bias), A_log, D, out_proj
-        mixer = d * 2 * e + e * (k + 1) + e * (r + 2 * n) + r * e + e + e * n + e + e * d
-    return mixer + d  # the block's RMSNorm
-
-
-def parameters(model) -> int:
-    """Total parameters, a tied head counted once (what the built model's parameters() sums)."""
-    embed = padded_vocab(model) * model.d_model
-    head = 0 if model.tie_embeddings else embed
-    return model.n_layer * block_parameters(model) + embed + head + model.d_model  # + norm_f
-
-
-def block_activation_bytes(model) -> int:
+def block_activation_bytes(size: ModelSize) -> int:
     """Bytes kept per token by one block for its backward (module docstring)."""
-    d, n = model.d_model, model.d_state
-    e = model.expand * d
-    r = dt_rank(d)
-    return 4 * d + 2 * d + 2 * 2 * e + 2 * e + 2 * e + 2 * (r + 2 * n) + 4 * e + 2 * e + 2 * e
+    d, e = size.d_model, size.d_inner
+    return 4 * d + 2 * d + 2 * 2 * e + 2 * e + 2 * e + 2 * size.scan_inputs + 4 * e + 2 * e + 2 * e
 
 
-def activation_bytes_per_token(model, checkpointing: bool) -> int:
-    block = block_activation_bytes(model)
+def activation_bytes_per_token(size: ModelSize, checkpointing: bool) -> int:
+    block = block_activation_bytes(size)
     if checkpointing:
-        return model.n_layer * 6 * model.d_model + block
-    return model.n_layer * block
+        return size.n_layer * 6 * size.d_model + block
+    return size.n_layer * block
 
 
-def fixed_bytes(model, shard_ranks: int) -> int:
+def fixed_bytes(size: ModelSize, shard_ranks: int) -> int:
     """Everything but the activations and logits: sharded states + one gathered unit."""
-    p = parameters(model)
-    unit = max(block_parameters(model), padded_vocab(model) * model.d_model)
-    return 16 * p // shard_ranks + 8 * unit
+    return 16 * size.params // shard_ranks + 8 * size.largest_unit
 
 
-def memory_bytes(model, micro_batch: int, seq_len: int, shard_ranks: int, checkpointing: bool) -> int:
+def memory_bytes(size: ModelSize, micro_batch: int, seq_len: int, shard_ranks: int, checkpointing: bool) -> int:
     tokens = micro_batch * seq_len
-    return (fixed_bytes(model, shard_ranks) + tokens * activation_bytes_per_token(model, checkpointing)
-            + 6 * tokens * padded_vocab(model))
+    return (fixed_bytes(size, shard_ranks) + tokens * activation_bytes_per_token(size, checkpointing)
+            + 6 * tokens * size.padded_vocab)
 
 
 def usable_bytes(gpu_gb: float) -> int:
@@ -136,37 +140,38 @@ class Plan:
     hours: float | None        # estimated wall time at the assumed MFU (None: unknown peak)
 
 
-def micro_batch_fitting(model, seq_len: int, per_rank: int, shard_ranks: int, budget: int,
+def micro_batch_fitting(size: ModelSize, seq_len: int, per_rank: int, shard_ranks: int, budget: int,
                         checkpointing: bool) -> int:
     """Largest divisor of the per-rank batch whose memory estimate fits in `budget` (0: none)."""
     fits = [b for b in range(1, per_rank + 1)
-            if per_rank % b == 0 and memory_bytes(model, b, seq_len, shard_ranks, checkpointing) <= budget]
+            if per_rank % b == 0 and memory_bytes(size, b, seq_len, shard_ranks, checkpointing) <= budget]
     return max(fits, default=0)
 
 
-def plan(model, *, ranks: int, seq_len: int, global_batch_tokens: int, tokens: int,
+def plan(size: ModelSize, *, ranks: int, seq_len: int, global_batch_tokens: int, tokens: int,
          gpu_gb: float | None, peak_tflops: float | None, mfu: float, flops_per_token: int,
          minutes_between_saves: float = 30.0) -> Plan:
-    """Derive the batch layout and durations; `gpu_gb=None` means CPU ranks (no memory limit)."""
+    """Derive the batch layout and durations for the model `size` (measure_model); `gpu_gb=None`
+    means CPU ranks (no memory limit)."""
     global_batch = max(1, round(global_batch_tokens / seq_len / ranks)) * ranks
     per_rank = global_batch // ranks
-    p = parameters(model)
+    p = size.params
     if gpu_gb is None:
         micro, checkpointing = per_rank, False
     else:
         budget = usable_bytes(gpu_gb)
         # Recomputation costs about a third more compute (one more forward); worth it only when
         # without it fewer than 4 windows (or not the whole per-rank batch) fit at once.
-        micro = micro_batch_fitting(model, seq_len, per_rank, ranks, budget, checkpointing=False)
+        micro = micro_batch_fitting(size, seq_len, per_rank, ranks, budget, checkpointing=False)
         checkpointing = micro < min(4, per_rank)
         if checkpointing:
-            micro = micro_batch_fitting(model, seq_len, per_rank, ranks, budget, checkpointing=True)
+            micro = micro_batch_fitting(size, seq_len, per_rank, ranks, budget, checkpointing=True)
         if micro == 0:
-            need = memory_bytes(model, 1, seq_len, ranks, checkpointing=True)
+            need = memory_bytes(size, 1, seq_len, ranks, checkpointing=True)
             raise PlanError(
                 f"does not fit: {p / 1e9:.2f}B parameters at seq_len={seq_len} need about {need / 1e9:.1f} GB "
                 f"per GPU even with one window per micro batch and activation checkpointing "
-                f"({fixed_bytes(model, ranks) / 1e9:.1f} GB of sharded weights, grads and AdamW states over "
+                f"({fixed_bytes(size, ranks) / 1e9:.1f} GB of sharded weights, grads and AdamW states over "
                 f"{ranks} GPUs), but a {gpu_gb:g} GB GPU leaves {budget / 1e9:.1f} GB usable; use more or larger "
                 f"GPUs, a shorter --seq-len, or a smaller model")
     steps = max(1, math.ceil(tokens / (global_batch * seq_len)))
@@ -181,7 +186,7 @@ def plan(model, *, ranks: int, seq_len: int, global_batch_tokens: int, tokens: i
         ranks=ranks, global_batch=global_batch, micro_batch=micro, grad_accum=per_rank // micro,
         checkpointing=checkpointing, steps=steps, warmup=min(2000, max(1, math.ceil(0.02 * steps))),
         save_every=save_every, tokens=steps * global_batch * seq_len,
-        memory_per_gpu=memory_bytes(model, micro, seq_len, ranks, checkpointing),
+        memory_per_gpu=memory_bytes(size, micro, seq_len, ranks, checkpointing),
         params=p, flops_per_token=flops_per_token, hours=hours,
     )
 

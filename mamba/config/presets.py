@@ -2,9 +2,15 @@
 
 The paper sizes are Gu & Dao 2023 (Mamba), Table 12 / the state-spaces/mamba checkpoints:
 d_model x n_layer with GPT-NeoX's 50,280-token vocabulary. "1.6b" is this project's default
-recipe (config.yaml). "tiny" is for CPUs: it trains in minutes on two cores.
+recipe: its entries are read from the schema defaults (mamba/config/schema.py, of which
+config.yaml is the commented copy), so its numbers live in one place. "tiny" is for CPUs: it
+trains in minutes on two cores.
 """
 from __future__ import annotations
+
+from mamba.config.schema import TrainConfig
+
+_DEFAULT = TrainConfig()  # the default recipe, the "1.6b" entries below
 
 MODEL_PRESETS: dict[str, dict] = {
     "tiny": {"d_model": 128, "n_layer": 4, "vocab_size": None},  # vocab taken from the data
@@ -13,19 +19,21 @@ MODEL_PRESETS: dict[str, dict] = {
     "790m": {"d_model": 1536, "n_layer": 48, "vocab_size": 50280},
     "1.4b": {"d_model": 2048, "n_layer": 48, "vocab_size": 50280},
     "2.8b": {"d_model": 2560, "n_layer": 64, "vocab_size": 50280},
-    "1.6b": {"d_model": 2688, "n_layer": 28, "vocab_size": 65024},
+    "1.6b": {"d_model": _DEFAULT.model.d_model, "n_layer": _DEFAULT.model.n_layer,
+             "vocab_size": _DEFAULT.model.vocab_size},
 }
 
 # Tokens per optimizer step when --global-batch-tokens is not given. The paper sizes follow the
 # GPT-3 recipes the Mamba paper trained with (Brown et al. 2020, Table 2.1: 0.5M tokens up to
-# 760M parameters, 1M for 1.3B and 2.7B); 1.6b is config.yaml's 896 x 4096; tiny is 8 x 256.
+# 760M parameters, 1M for 1.3B and 2.7B); 1.6b is the default recipe's (896 x 4096); tiny is 8 x 256.
 BATCH_TOKENS: dict[str, int] = {
     "tiny": 8 * 256, "130m": 2**19, "370m": 2**19, "790m": 2**19, "1.4b": 2**20, "2.8b": 2**20,
-    "1.6b": 896 * 4096,
+    "1.6b": _DEFAULT.trainer.global_batch_size * _DEFAULT.data.seq_len,
 }
-# Window length per preset (GPT-3 / Mamba paper: 2048; config.yaml: 4096; tiny: 256).
+# Window length per preset (GPT-3 / Mamba paper: 2048; the default recipe: 4096; tiny: 256).
 SEQ_LEN: dict[str, int] = {
-    "tiny": 256, "130m": 2048, "370m": 2048, "790m": 2048, "1.4b": 2048, "2.8b": 2048, "1.6b": 4096,
+    "tiny": 256, "130m": 2048, "370m": 2048, "790m": 2048, "1.4b": 2048, "2.8b": 2048,
+    "1.6b": _DEFAULT.data.seq_len,
 }
 # Token budget when neither --tokens nor --tokens-per-param is given: 20 per parameter (Hoffmann
 # et al. 2022, Chinchilla), except tiny, whose 300 steps of 2,048 tokens take minutes on a CPU.

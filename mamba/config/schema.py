@@ -1,13 +1,31 @@
 """The training config: one dataclass per YAML section, one docstring per field.
 
-`config.yaml` at the repository root is the default cluster recipe written in this schema;
-`mamba/config/load.py` turns YAML plus `key=value` overrides into a validated `TrainConfig`.
+The defaults below ARE the default recipe, the 1.6b cluster run (mamba/config/presets.py derives
+its "1.6b" entries from them); `config.yaml` at the repository root is its user-facing, commented
+copy (tests/config/test_load.py checks the two are equal). `mamba/config/load.py` turns YAML (or
+in-memory data) plus `key=value` overrides into a validated `TrainConfig`.
 Durations are Composer time strings: "1000ba" (batches), "4e9tok" (tokens), "1ep", "1dur".
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Annotated, Literal, Optional
+
+# Allowed values of the keys that take one of a few names: the loader checks every Literal-typed
+# field against its values (one generic rule), and the model, kernels, schedules and callbacks take
+# their lists from here (typing.get_args) instead of keeping copies. A field typed
+# Annotated[Literal[...], "text"] gives the loader's error that text in place of the bare list.
+SsmLayer = Literal["mamba1", "mamba2"]
+KernelMode = Literal["auto", "torch", "cuda"]
+SchedulerName = Literal["cosine", "linear", "constant", "wsd"]
+DecayShape = Literal["linear", "1-sqrt"]
+FsdpVersion = Literal[1, 2]
+ShardingStrategy = Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"]
+StateDictType = Literal["sharded", "full"]
+FsdpMixedPrecision = Literal["DEFAULT", "FULL"]
+Precision = Literal["auto", "fp32", "amp_bf16"]
+Device = Literal["auto", "cpu", "gpu"]
+NonFiniteAction = Literal["stop", "skip"]
 
 
 @dataclass
@@ -20,7 +38,7 @@ class ModelConfig:
     """Number of Mamba blocks."""
     vocab_size: int = 65024
     """Tokenizer vocabulary size; must cover every token id in the data (checked before training)."""
-    ssm_layer: str = "mamba1"
+    ssm_layer: SsmLayer = "mamba1"
     """Mixer type: "mamba1" (selective scan, Gu & Dao 2023) or "mamba2" (SSD, Dao & Gu 2024)."""
     d_state: int = 16
     """SSM state size N per channel (mamba-ssm's Mamba-2 models use 128)."""
@@ -40,7 +58,7 @@ class ModelConfig:
     """Smallest initial step size dt (log-uniform in [dt_min, dt_max])."""
     dt_max: float = 0.1
     """Largest initial step size dt."""
-    kernels: str = "auto"
+    kernels: KernelMode = "auto"
     """"auto": mamba-ssm's CUDA kernels on GPU when they import, else pure torch; "torch": always
     torch; "cuda": the kernels or a clear error."""
     pad_vocab_size_multiple: int = 8
@@ -103,7 +121,7 @@ class OptimizerConfig:
 class SchedulerConfig:
     """Learning-rate schedule (stepped every batch); see mamba/training/schedules.py."""
 
-    name: str = "cosine"
+    name: SchedulerName = "cosine"
     """One of: cosine, linear, constant, wsd (warmup-stable-decay); each starts with linear warmup."""
     t_warmup: str = "2000ba"
     """Warmup length; the same unit as t_max (batches, tokens or samples), or a fraction "Xdur"."""
@@ -112,7 +130,7 @@ class SchedulerConfig:
     t_max: str = "1dur"
     """Length of the schedule; "1dur" means the whole max_duration. Set it explicitly to stop
     a run early and continue it later on the same schedule."""
-    decay_shape: str = "1-sqrt"
+    decay_shape: DecayShape = "1-sqrt"
     """wsd only: "linear" or "1-sqrt" decay from the peak to alpha_f."""
     decay_fraction: float = 0.2
     """wsd only: decay length as a fraction of t_max (used when t_decay is null)."""
@@ -124,9 +142,9 @@ class SchedulerConfig:
 class FSDPConfig:
     """Fully Sharded Data Parallel: one unit per Mamba block; see mamba/training/parallel.py."""
 
-    version: int = 2
+    version: Annotated[FsdpVersion, "2 (FSDP2, default) or 1 (FSDP1, GPU only)"] = 2
     """2: FSDP2 (per-parameter DTensor sharding, the default); 1: FSDP1 (GPU only)."""
-    sharding_strategy: str = "FULL_SHARD"
+    sharding_strategy: ShardingStrategy = "FULL_SHARD"
     """FULL_SHARD, SHARD_GRAD_OP (keep gathered parameters from forward to backward), HYBRID_SHARD
     (shard within groups of shard_degree ranks, replicate across groups) or NO_SHARD (replicate)."""
     shard_degree: int = -1
@@ -135,9 +153,10 @@ class FSDPConfig:
     """Recompute block activations in backward instead of storing them."""
     activation_checkpointing_every: int = 1
     """Checkpoint every k-th block (blocks 0, k, 2k, ...); 1 checkpoints all of them."""
-    state_dict_type: str = "sharded"
+    state_dict_type: StateDictType = "sharded"
     """Checkpoint format: "sharded" (each rank writes its shard) or "full" (rank 0 writes one file)."""
-    mixed_precision: str = "DEFAULT"
+    mixed_precision: Annotated[FsdpMixedPrecision,
+                               "DEFAULT (bf16 all-gathers) or FULL (fp32 all-gathers)"] = "DEFAULT"
     """Under amp_bf16: "DEFAULT" all-gathers parameters in bf16 (half the traffic; A_log, D and dt
     bias reach the mixer bf16-rounded), "FULL" in fp32 (every parameter exact, as in mamba-ssm's own
     autocast training; matmuls still bf16; twice the all-gather traffic and gathered memory)."""
@@ -153,9 +172,9 @@ class TrainerConfig:
     """Windows per forward/backward on one device; gradient accumulation covers the rest."""
     max_duration: str = "100000ba"
     """Training length."""
-    precision: str = "auto"
+    precision: Precision = "auto"
     """"auto" (amp_bf16 on GPU, fp32 on CPU), "fp32", or "amp_bf16"."""
-    device: str = "auto"
+    device: Device = "auto"
     """"auto" (gpu when CUDA is available), "gpu" or "cpu"."""
     eval_interval: str = "1000ba"
     """Evaluate on data.eval_sources this often (and at the end); ignored when there are none."""
@@ -171,7 +190,7 @@ class TrainerConfig:
     """Resume from the newest checkpoint in save_folder when one exists (needs a fixed run_name)."""
     export_hf: bool = False
     """At the end of training rank 0 writes the final model as a transformers directory to <save_folder>/hf."""
-    on_nonfinite_loss: str = "stop"
+    on_nonfinite_loss: NonFiniteAction = "stop"
     """A NaN/Inf loss or gradient norm: "stop" (raise before the optimizer update; the last
     checkpoint stays intact) or "skip" (drop that step's update and count it as train/skipped_steps)."""
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import resource
+from typing import get_args
 
 import torch
 from composer.algorithms import GradientClipping
@@ -28,7 +29,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch.distributed.tensor import DTensor
 
-from mamba.config.schema import TrainConfig
+from mamba.config.schema import NonFiniteAction, TrainConfig
 from mamba.device_peaks import peak_flops_per_device
 from mamba.training.metrics_file import JSONLinesLogger
 from mamba.training.signals import MissingLatestCheckpoint, SigtermCheckpoint
@@ -71,8 +72,8 @@ class GradientGuard(Callback):
     """
 
     def __init__(self, clip_norm: float, on_nonfinite: str, save_folder: str):
-        if on_nonfinite not in ("stop", "skip"):
-            raise ValueError(f"trainer.on_nonfinite_loss={on_nonfinite!r}: choose 'stop' or 'skip'")
+        if on_nonfinite not in get_args(NonFiniteAction):
+            raise ValueError(f"trainer.on_nonfinite_loss={on_nonfinite!r}: choose one of {get_args(NonFiniteAction)}")
         self.clip_norm = clip_norm
         self.on_nonfinite = on_nonfinite
         self.save_folder = save_folder

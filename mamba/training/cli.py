@@ -6,7 +6,8 @@ import sys
 
 import torch
 
-from mamba.config.load import ConfigError, load_config
+from mamba.config import ConfigError
+from mamba.config.load import load_config
 from mamba.training.trainer import train
 
 USAGE = "usage: composer -n NPROC mamba/train.py CONFIG.yaml [section.key=value ...]"

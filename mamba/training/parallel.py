@@ -1,5 +1,9 @@
 """How the model is spread over ranks: device, precision, FSDP units, sharding and checkpointing.
 
+The config rules that need facts known only at training time (the world size, whether CUDA is
+there) live here and raise mamba.config's ConfigError, like the loader's own rules:
+`check_world_size`, `resolve_device`, `resolve_precision`, `build_parallelism`.
+
 FSDP2 (torch's `fully_shard`, driven by Composer's `FSDP2Config`) is the default. Composer asks
 the ComposerModel's child (the plain `MambaLMHeadModel`) two questions per submodule:
 `fsdp_wrap_fn` (is it its own FSDP unit?) and `activation_checkpointing_fn` (is it recomputed in
@@ -39,10 +43,38 @@ from composer.utils.parallelism import FSDP2Config, FSDPConfig as ComposerFSDP1C
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 
-from mamba.config.load import ConfigError
-from mamba.config.schema import FSDPConfig
+from mamba.config.errors import ConfigError
+from mamba.config.schema import FSDPConfig, TrainConfig
 from mamba.model.block import Block
 from mamba.model.lm import MambaLMHeadModel
+
+
+def check_world_size(cfg: TrainConfig, world_size: int) -> int:
+    """Per-rank batch for `world_size` ranks; fails unless global = micro x accumulation x ranks
+    and, under HYBRID_SHARD, the shard groups split the ranks evenly."""
+    t = cfg.trainer
+    if t.global_batch_size % (t.micro_batch_size * world_size) != 0:
+        raise ConfigError(
+            f"trainer.global_batch_size={t.global_batch_size} must be a multiple of "
+            f"trainer.micro_batch_size={t.micro_batch_size} x {world_size} ranks "
+            f"= {t.micro_batch_size * world_size}; change global_batch_size or micro_batch_size"
+        )
+    if cfg.fsdp.sharding_strategy == "HYBRID_SHARD":
+        shard_group_size(cfg.fsdp, world_size, dist.get_local_world_size())
+    return t.global_batch_size // world_size
+
+
+def shard_group_size(cfg: FSDPConfig, world_size: int, local_world_size: int) -> int:
+    """HYBRID_SHARD's ranks per shard group: fsdp.shard_degree, -1 meaning one node's ranks.
+    The groups must split the ranks evenly (the replicas are world_size / group size)."""
+    shard = local_world_size if cfg.shard_degree == -1 else cfg.shard_degree
+    if world_size % shard:
+        named = f"-1 (the {shard} ranks of one node)" if cfg.shard_degree == -1 else f"{shard}"
+        raise ConfigError(
+            f"fsdp.shard_degree={named} must divide the {world_size} ranks (HYBRID_SHARD replicates "
+            f"over world_size / shard_degree groups); pick a divisor, e.g. the GPUs per node"
+        )
+    return shard
 
 
 def resolve_device(device: str) -> str:
@@ -89,9 +121,7 @@ def mesh_shape(cfg: FSDPConfig, world_size: int, local_world_size: int) -> tuple
     if cfg.sharding_strategy == "NO_SHARD":
         return (world_size, 1)
     if cfg.sharding_strategy == "HYBRID_SHARD":
-        shard = local_world_size if cfg.shard_degree == -1 else cfg.shard_degree
-        if world_size % shard:
-            raise ConfigError(f"fsdp.shard_degree={shard} must divide the {world_size} ranks for HYBRID_SHARD")
+        shard = shard_group_size(cfg, world_size, local_world_size)
         return (world_size // shard, shard)
     return None
 
@@ -140,8 +170,10 @@ def build_parallelism(cfg: FSDPConfig, device: str, world_size: int) -> Parallel
 
 def _fsdp1(cfg: FSDPConfig, world_size: int) -> ComposerFSDP1Config:
     """FSDP1 takes the strategy names directly; HYBRID's group size is its shard degree."""
-    hybrid = cfg.sharding_strategy == "HYBRID_SHARD"
-    shard = dist.get_local_world_size() if cfg.shard_degree == -1 else cfg.shard_degree
+    groups = {}
+    if cfg.sharding_strategy == "HYBRID_SHARD":
+        shard = shard_group_size(cfg, world_size, dist.get_local_world_size())
+        groups = {"data_parallel_shard_degree": shard, "data_parallel_replicate_degree": world_size // shard}
     return ComposerFSDP1Config(
         sharding_strategy=cfg.sharding_strategy,
         activation_checkpointing=cfg.activation_checkpointing,
@@ -149,6 +181,5 @@ def _fsdp1(cfg: FSDPConfig, world_size: int) -> ComposerFSDP1Config:
         mixed_precision=cfg.mixed_precision,
         state_dict_type=cfg.state_dict_type,
         use_orig_params=True,
-        **({"data_parallel_shard_degree": shard, "data_parallel_replicate_degree": world_size // shard}
-           if hybrid else {}),
+        **groups,
     )

@@ -20,13 +20,14 @@ After t_max every shape holds its final value.
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 from composer.core import State, Time, TimeUnit
 from composer.optim import ComposerScheduler
 
-from mamba.config.schema import SchedulerConfig
+from mamba.config.schema import DecayShape, SchedulerConfig
 
-DECAY_SHAPES = ("linear", "1-sqrt")
+DECAY_SHAPES = get_args(DecayShape)  # ("linear", "1-sqrt"), the schema's list
 
 
 def resolve(duration: str, state: State) -> Time[int]:

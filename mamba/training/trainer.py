@@ -12,7 +12,7 @@ from composer.utils import dist, reproducibility
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from mamba.config.load import check_world_size, to_dict
+from mamba.config.load import to_dict
 from mamba.config.schema import FSDPConfig, TrainConfig
 from mamba.data.loader import build_eval_dataloader, build_train_dataloader
 from mamba.files import write_atomic
@@ -20,8 +20,8 @@ from mamba.model.composer_model import ComposerMambaLM
 from mamba.model.factory import build_model
 from mamba.training.callbacks import build_callbacks, build_loggers
 from mamba.training.optim import build_optimizer
-from mamba.training.parallel import (assign_units, average_gloo_gradients, build_parallelism, resolve_device,
-                                     resolve_precision)
+from mamba.training.parallel import (assign_units, average_gloo_gradients, build_parallelism, check_world_size,
+                                     resolve_device, resolve_precision)
 from mamba.training.schedules import build_scheduler
 from mamba.training.signals import sigterm_received
 

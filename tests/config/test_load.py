@@ -1,9 +1,14 @@
 """Strict config loading: every kind of bad config fails naming the key and the fix."""
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from mamba.config import ConfigError, load_config
+from mamba.config import ConfigError, TrainConfig
+from mamba.config.load import load_config, to_dict
+from mamba.training.parallel import check_world_size, mesh_shape
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -16,6 +21,13 @@ def write(tmp_path, text: str) -> Path:
 
 def test_default_recipe_is_the_1_6b_cluster_config():
     cfg = load_config(REPO / "config.yaml")
+    # config.yaml is the commented copy of the schema defaults, key for key (a key it leaves out
+    # would take the default, so compare what the file itself says too).
+    assert to_dict(cfg) == to_dict(TrainConfig())
+    written = OmegaConf.to_container(OmegaConf.load(REPO / "config.yaml"))
+    defaults = to_dict(TrainConfig())
+    assert all(written[section] == {k: defaults[section][k] for k in written[section]}
+               for section in written if isinstance(written[section], dict))
     m, t, o = cfg.model, cfg.trainer, cfg.optimizer
     assert (m.vocab_size, m.d_model, m.n_layer, cfg.data.seq_len) == (65024, 2688, 28, 4096)
     assert (t.global_batch_size, t.micro_batch_size) == (896, 7)
@@ -105,8 +117,6 @@ def test_wsd_warmup_plus_decay_must_fit_in_t_max():
 
 
 def test_hybrid_shard_degree_must_divide_the_ranks():
-    from mamba.config.load import check_world_size
-
     cfg = load_config(REPO / "config.yaml", ["fsdp.sharding_strategy=HYBRID_SHARD", "fsdp.shard_degree=3",
                                              "trainer.global_batch_size=168"])
     with pytest.raises(ConfigError, match=r"fsdp.shard_degree=3 must divide the 8 ranks"):
@@ -114,9 +124,19 @@ def test_hybrid_shard_degree_must_divide_the_ranks():
     assert check_world_size(cfg, 6) == 28
 
 
-def test_world_size_must_divide_the_global_batch():
-    from mamba.config.load import check_world_size
+def test_hybrid_shard_groups_of_one_node_must_divide_the_ranks(monkeypatch):
+    # shard_degree -1 means the ranks of one node; the launcher says how many (LOCAL_WORLD_SIZE).
+    cfg = load_config(REPO / "config.yaml", ["fsdp.sharding_strategy=HYBRID_SHARD", "trainer.global_batch_size=168"])
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    message = r"fsdp.shard_degree=-1 \(the 4 ranks of one node\) must divide the 6 ranks"
+    with pytest.raises(ConfigError, match=message):
+        check_world_size(cfg, 6)
+    with pytest.raises(ConfigError, match=message):  # the mesh is built by the same rule
+        mesh_shape(cfg.fsdp, 6, 4)
+    assert check_world_size(cfg, 8) == 21 and mesh_shape(cfg.fsdp, 8, 4) == (2, 4)
 
+
+def test_world_size_must_divide_the_global_batch():
     cfg = load_config(REPO / "config.yaml")
     assert check_world_size(cfg, 8) == 112
     with pytest.raises(ConfigError, match=r"multiple of trainer.micro_batch_size=7 x 3 ranks = 21"):
@@ -128,3 +148,54 @@ def test_missing_file_and_malformed_override(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load_config(REPO / "config.yaml", ["optimizer.lr"])
+
+
+def literal_fields():
+    """(dotted key, allowed values) of every schema field typed with a Literal."""
+    for section, cls in typing.get_type_hints(TrainConfig).items():
+        if dataclasses.is_dataclass(cls):
+            for name, hint in typing.get_type_hints(cls).items():  # Annotated[Literal, text] -> Literal
+                if typing.get_origin(hint) is typing.Literal:
+                    yield f"{section}.{name}", typing.get_args(hint)
+
+
+LITERAL_FIELDS = dict(literal_fields())
+
+
+def test_enumerated_keys_are_literals():
+    assert {"model.ssm_layer", "model.kernels", "scheduler.name", "scheduler.decay_shape", "fsdp.version",
+            "fsdp.sharding_strategy", "fsdp.mixed_precision", "fsdp.state_dict_type", "trainer.precision",
+            "trainer.device", "trainer.on_nonfinite_loss"} <= set(LITERAL_FIELDS)
+
+
+@pytest.mark.parametrize("key", sorted(LITERAL_FIELDS))
+def test_every_literal_key_refuses_other_values_listing_the_choices(key):
+    choices = LITERAL_FIELDS[key]
+    for allowed in choices:  # each allowed value loads as given
+        section, name = key.split(".")
+        assert getattr(getattr(load_config({section: {name: allowed}}), section), name) == allowed
+    bad = "nonsense" if isinstance(choices[0], str) else 7
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "config.yaml", [f"{key}={bad}"])
+    message = str(err.value)
+    assert f"{key}={bad!r}: choose" in message and "config.yaml" in message
+    assert all(str(allowed) in message for allowed in choices), message
+
+
+def test_a_literal_compares_types_too():
+    # YAML `true` equals 1 in Python; it is still not the FSDP version 1.
+    with pytest.raises(ConfigError, match=r"fsdp.version=True: choose 2"):
+        load_config({"fsdp": {"version": True}})
+
+
+def test_in_memory_data_loads_like_the_file_and_is_named_honestly():
+    text = (REPO / "config.yaml").read_text()
+    from_file = load_config(REPO / "config.yaml", ["optimizer.lr=1e-3"])
+    data = OmegaConf.to_container(OmegaConf.create(text))
+    assert load_config(data, ["optimizer.lr=1e-3"]) == from_file
+    assert load_config(OmegaConf.create(text), ["optimizer.lr=1e-3"]) == from_file
+    assert load_config({}) == load_config(None) == TrainConfig()
+    with pytest.raises(ConfigError, match=r"^config: key 'trainer.autoresume' must be of type bool"):
+        load_config({"trainer": {"autoresume": 3}})
+    with pytest.raises(ConfigError, match=r"^config: unknown key 'model.d_modle'"):
+        load_config(data, ["model.d_modle=3"])

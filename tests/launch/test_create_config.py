@@ -1,5 +1,6 @@
 """create_mamba_config.py and its planner: counts match built models, plans are consistent with
 the memory model, impossible requests fail with the reason, and the tiny config really trains."""
+import math
 import os
 import subprocess
 import sys
@@ -11,8 +12,8 @@ import pytest
 from mamba.config import planner
 from mamba.config.load import load_config
 from mamba.config.presets import MODEL_PRESETS
-from mamba.training.metrics_file import read_metrics
 from mamba.model.factory import build_model
+from mamba.training.metrics_file import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,33 +34,50 @@ def packed(tmp_path_factory) -> Path:
     return out
 
 
+def mamba1_sizes_by_hand(d: int, n_layer: int, vocab: int, n: int = 16, k: int = 4, expand: int = 2) -> tuple:
+    """(parameters, largest FSDP unit, activation bytes per token of one block) of a tied Mamba-1 LM,
+    written out from mamba-ssm's layer shapes (modules/mamba_simple.py, models/mixer_seq_simple.py)
+    and planner.py's memory model: the independent reference the sizes read off the model must meet."""
+    e, r, v = expand * d, math.ceil(d / 16), vocab + (-vocab % 8)
+    # in_proj, conv1d (+bias), x_proj, dt_proj (+bias), A_log, D, out_proj, the block's RMSNorm
+    block = d * 2 * e + e * (k + 1) + e * (r + 2 * n) + r * e + e + e * n + e + e * d + d
+    activations = 4 * d + 2 * d + 2 * 2 * e + 2 * e + 2 * e + 2 * (r + 2 * n) + 4 * e + 2 * e + 2 * e
+    return n_layer * block + v * d + d, max(block, v * d), activations  # + embedding (tied head), norm_f
+
+
 @pytest.mark.parametrize("preset", sorted(MODEL_PRESETS))
-def test_preset_parameter_count_matches_the_built_model(preset):
-    shape = {k: v for k, v in MODEL_PRESETS[preset].items() if v is not None}
-    cfg = load_config(None, [f"model.{k}={v}" for k, v in shape.items()] + ["model.vocab_size=8192"] * (preset == "tiny"))
-    model = build_model(cfg.model, device="meta")  # the 2.8b model without allocating 11 GB
-    assert planner.parameters(cfg.model) == sum(p.numel() for p in model.parameters())
+def test_preset_sizes_are_mamba_ssm_shapes(preset):
+    shape = dict(MODEL_PRESETS[preset], vocab_size=MODEL_PRESETS[preset]["vocab_size"] or 8192)
+    cfg = load_config(None, [f"model.{k}={v}" for k, v in shape.items()])
+    size = planner.measure_model(cfg.model)  # on meta: the 2.8b model without allocating 11 GB
+    expected = mamba1_sizes_by_hand(shape["d_model"], shape["n_layer"], shape["vocab_size"])
+    assert (size.params, size.largest_unit, planner.block_activation_bytes(size)) == expected
 
 
-@pytest.mark.parametrize("shape", [
-    ["model.tie_embeddings=false"],
-    ["model.ssm_layer=mamba2", "model.d_state=128"],
-    ["model.ssm_layer=mamba2", "model.d_state=64", "model.headdim=32", "model.ngroups=2", "model.expand=4"],
+@pytest.mark.parametrize("shape, scan_inputs", [
+    (["model.tie_embeddings=false"], 6 + 2 * 16),  # Mamba-1: dt_rank ceil(96 / 16) + B, C of d_state 16
+    (["model.ssm_layer=mamba2", "model.d_state=128"], 3 + 2 * 128),  # Mamba-2: 192 / 64 heads + B, C
+    (["model.ssm_layer=mamba2", "model.d_state=64", "model.headdim=32", "model.ngroups=2", "model.expand=4"],
+     12 + 2 * 2 * 64),  # 384 / 32 heads + B, C for 2 groups
 ])
-def test_untied_and_mamba2_shapes_are_counted(shape):
+def test_untied_and_mamba2_shapes_are_counted(shape, scan_inputs):
     cfg = load_config(None, ["model.d_model=96", "model.n_layer=3", "model.vocab_size=1000", *shape])
-    model = build_model(cfg.model, device="meta")
-    assert planner.parameters(cfg.model) == sum(p.numel() for p in model.parameters())
+    size = planner.measure_model(cfg.model)
+    model = build_model(cfg.model, device="cpu")  # the materialised model the meta one stands for
+    assert size.params == sum(p.numel() for p in model.parameters())
+    block = sum(p.numel() for p in model.backbone.layers[0].parameters())
+    assert size.largest_unit == max(block, model.backbone.embedding.weight.numel())
+    assert (size.n_layer, size.d_model, size.padded_vocab, size.scan_inputs) == (3, 96, 1000, scan_inputs)
 
 
 @pytest.mark.parametrize("preset,gpu,nodes", [("130m", "A100-40GB", 1), ("1.4b", "H100-80GB", 2),
                                               ("2.8b", "L40S-48GB", 4), ("1.6b", "H200-141GB", 1)])
 def test_plan_is_consistent_with_its_memory_model(preset, gpu, nodes):
-    m = load_config(None, [f"model.{k}={v}" for k, v in MODEL_PRESETS[preset].items()]).model
+    m = planner.measure_model(load_config(None, [f"model.{k}={v}" for k, v in MODEL_PRESETS[preset].items()]).model)
     gb, peak = planner.GPUS[gpu]
     ranks = 8 * nodes
     pl = planner.plan(m, ranks=ranks, seq_len=2048, global_batch_tokens=2**20, tokens=10**10, gpu_gb=gb,
-                      peak_tflops=peak, mfu=0.4, flops_per_token=6 * planner.parameters(m))
+                      peak_tflops=peak, mfu=0.4, flops_per_token=6 * m.params)
     assert pl.global_batch == pl.micro_batch * pl.grad_accum * ranks
     assert pl.steps * pl.global_batch * 2048 >= 10**10 > (pl.steps - 1) * pl.global_batch * 2048
     budget = planner.usable_bytes(gb)

@@ -125,7 +125,7 @@ def test_fsdp_on_two_ranks_trains_the_same_model_as_one_process(tiny_config):
 
 
 def test_shard_grad_op_with_sparse_checkpointing_matches_evaluates_and_exports_hf(tiny_config):
-    from mamba.config import load_config
+    from mamba.config.load import load_config
 
     run_dir = tiny_config.parent / "gradop"
     launch(tiny_config, "run_name=gradop", "trainer.max_duration=20ba", "fsdp.sharding_strategy=SHARD_GRAD_OP",

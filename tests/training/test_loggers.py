@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_callbacks import stdlib_batches  # noqa: E402
 
-from mamba.config import load_config  # noqa: E402
+from mamba.config.load import load_config  # noqa: E402
 from mamba.model.composer_model import ComposerMambaLM  # noqa: E402
 from mamba.model.lm import MambaConfig, MambaLMHeadModel  # noqa: E402
 from mamba.training.callbacks import build_loggers  # noqa: E402

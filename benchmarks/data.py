@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from mamba import layout
+from mamba.data.manifest import write_index
 from mamba.data.mixture import WindowShuffle
-from mamba.data.pack import ShardWriter, write_index
+from mamba.data.shards import ShardWriter
 
 # torch and the loader (which imports Composer) are imported inside bench_loader only: pack's
 # worker processes are spawned and re-import this module, and importing torch and Composer in

@@ -33,6 +33,11 @@ MAX_POSITION = (1 << POSITION_BITS) - 1  # 16383
 TOKEN_MASK = MAX_TOKEN_ID
 POSITION_MASK = MAX_POSITION
 
+# The label of a token that is not trained on (its loss bit is 0): the loader writes it, the model's
+# loss and metrics skip it. -100 is torch's cross_entropy default ignore_index. It lives here
+# because this module is the one contract that both mamba.data and mamba.model may import.
+IGNORE_INDEX = -100
+
 
 def encode(token_ids, positions, loss_mask) -> np.ndarray:
     """Pack three equally long 1-D sequences into int32 words.

@@ -4,8 +4,10 @@
                   datasets, .gz/.zst; the bad-input policy (fail or skip with a report)
     tokenizer.py  load_tokenizer("byte" | "bpe:N" | path to tokenizer.json), special token ids
     pack.py       documents -> shard_00000.npy ... + index.json, parallel and resumable
-                  (tools/pack.py is its CLI)
-    manifest.py   index.json: writing it atomically, reading and checking it against the shards
+                  (tools/pack.py is its CLI): plan, tokenizer, tokenize, write, finish
+    shards.py     pack's output directory: ShardWriter, the resume journal, leftovers of a run
+    manifest.py   index.json (the one reader, with the layout version check) and the shard
+                  checks (header, size, sha256) that the loader and inspect --verify share
     inspect.py    totals, token histogram, a window decoded back to text (tools/pack.py inspect)
     dataset.py    PackedSource(data_dir, seq_len): one packed directory, checked, cut into windows
     mixture.py    index arithmetic: global sample -> (source, window); exact weights, seeded shuffles

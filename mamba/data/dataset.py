@@ -12,7 +12,6 @@ Which windows are read in which order is decided by mamba.data.mixture and mamba
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -20,31 +19,9 @@ import numpy as np
 import torch
 
 from mamba import layout
-from mamba.data.manifest import INDEX_NAME, sha256_file
+from mamba.data.manifest import INDEX_NAME, check_shard_file, check_shard_sha256, read_index
 
-IGNORE_INDEX = -100  # label value that torch's cross_entropy skips
 FIM_SENTINELS = ("fim_prefix", "fim_middle", "fim_suffix")
-_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-
-
-def _check_shard_file(path: Path, tokens: int) -> None:
-    """Raise unless `path` is a 1-D int32 .npy of exactly `tokens` words; reads only the header."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: shard listed in index.json is missing; re-run tools/pack.py")
-    with open(path, "rb") as f:
-        try:
-            shape, _, dtype = _HEADER_READERS[np.lib.format.read_magic(f)](f)
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{path}: not a readable .npy shard ({e!r})") from None
-        data_offset = f.tell()
-    if dtype != np.int32 or shape != (tokens,):
-        raise ValueError(f"{path}: holds a {dtype} array of shape {shape}, index.json says ({tokens},) int32")
-    size, expected = os.path.getsize(path), data_offset + 4 * tokens
-    if size != expected:
-        raise ValueError(
-            f"{path}: file is {size} bytes, but {tokens} tokens need {expected}; the shard is "
-            f"truncated or was modified after packing, re-run tools/pack.py"
-        )
 
 
 class PackedSource:
@@ -55,19 +32,7 @@ class PackedSource:
         self.seq_len = int(seq_len)
         if self.seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        index_path = self.data_dir / INDEX_NAME
-        if not index_path.is_file():
-            raise FileNotFoundError(
-                f"{index_path}: missing, so {self.data_dir} is not a complete packed dataset; "
-                f"run tools/pack.py (index.json is written last, when every shard is in place)"
-            )
-        self.index = json.loads(index_path.read_text(encoding="utf-8"))
-        version = self.index.get("layout_version")
-        if version != layout.LAYOUT_VERSION:
-            raise ValueError(
-                f"{index_path}: layout_version {version}, but this code reads version "
-                f"{layout.LAYOUT_VERSION}; repack the data with this version's tools/pack.py"
-            )
+        self.index = read_index(self.data_dir)
         # Manifests from before special_tokens existed record only eos_id.
         self.special_tokens: dict[str, int] = dict(self.index.get("special_tokens") or {"eos": self.index["eos_id"]})
         self.eos_id = self.special_tokens["eos"]
@@ -75,7 +40,7 @@ class PackedSource:
         shards = self.index["shards"]
         self.shard_paths = [self.data_dir / s["file"] for s in shards]
         for path, shard in zip(self.shard_paths, shards):
-            _check_shard_file(path, shard["tokens"])
+            check_shard_file(path, shard["tokens"])  # headers only: the hash is verify()'s
 
         tokens = np.array([s["tokens"] for s in shards], dtype=np.int64).reshape(-1)
         windows = np.maximum(tokens - 1, 0) // self.seq_len  # (n_shards,)
@@ -161,13 +126,7 @@ class PackedSource:
         """Re-hash the given shards (default: all; reads them whole) and raise naming the first
         whose sha256 differs from the manifest."""
         for k in range(len(self.shard_paths)) if shards is None else shards:
-            path, shard = self.shard_paths[k], self.index["shards"][k]
-            actual = sha256_file(path)
-            if actual != shard["sha256"]:
-                raise ValueError(
-                    f"{path}: sha256 {actual} differs from {shard['sha256']} in index.json; the shard "
-                    f"is corrupt or was modified after packing, re-run tools/pack.py"
-                )
+            check_shard_sha256(self.shard_paths[k], self.index["shards"][k]["sha256"])
 
 
 def decode_windows(words) -> dict[str, torch.Tensor]:
@@ -175,12 +134,12 @@ def decode_windows(words) -> dict[str, torch.Tensor]:
     batch, each (B, L) int64 on the words' device:
 
         input_ids     token ids of words [0, L)
-        labels        token ids of words [1, L + 1), IGNORE_INDEX where that word's loss bit is 0
+        labels        token ids of words [1, L + 1), layout.IGNORE_INDEX where that word's loss bit is 0
         position_ids  in-document positions of words [0, L) (0 marks a document start)
 
     Training runs it on the device, per micro batch (mamba.data.loader.as_data_spec): the host
     reads and ships 4 bytes per token, not the 24 of three int64 tensors.
     """
     ids, positions, loss = layout.decode(torch.as_tensor(words))  # (B, L + 1) int32, int32, bool
-    labels = ids[:, 1:].long().masked_fill_(~loss[:, 1:], IGNORE_INDEX)
+    labels = ids[:, 1:].long().masked_fill_(~loss[:, 1:], layout.IGNORE_INDEX)
     return {"input_ids": ids[:, :-1].long(), "labels": labels, "position_ids": positions[:, :-1].long()}

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from mamba import layout
-from mamba.data.manifest import TOKENIZER_NAME, read_index, sha256_file
+from mamba.data.manifest import TOKENIZER_NAME, check_shard_file, check_shard_sha256, read_index
 from mamba.data.tokenizer import load_tokenizer
 
 DOC_MARK = "\n⟦doc⟧"
@@ -104,18 +104,15 @@ def render_window(data_dir: str | Path, window: int, seq_len: int) -> str:
 
 
 def verify(data_dir: str | Path) -> list[str]:
-    """Check every shard's size and sha256 against the manifest; return the problems (empty if none)."""
+    """Check every shard's header, size and sha256 against the manifest (the loader's checks, see
+    mamba.data.manifest); return the problems, one per bad shard (empty if none)."""
     data_dir = Path(data_dir)
-    m = read_index(data_dir)
     problems = []
-    for s in m["shards"]:
+    for s in read_index(data_dir)["shards"]:
         path = data_dir / s["file"]
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-            continue
-        words = np.load(path, mmap_mode="r")
-        if words.shape != (s["tokens"],) or words.dtype != np.int32:
-            problems.append(f"{path}: {words.dtype} array of shape {words.shape}, manifest says ({s['tokens']},) int32")
-        elif sha256_file(path) != s["sha256"]:
-            problems.append(f"{path}: sha256 differs from index.json; the shard was modified or corrupted")
+        try:
+            check_shard_file(path, s["tokens"])
+            check_shard_sha256(path, s["sha256"])
+        except (OSError, ValueError) as e:
+            problems.append(str(e))
     return problems

@@ -31,9 +31,8 @@ from composer.core import DataSpec
 from composer.utils import dist
 
 from mamba import layout
-
 from mamba.config.schema import DataConfig
-from mamba.data.dataset import IGNORE_INDEX, PackedSource, decode_windows
+from mamba.data.dataset import PackedSource, decode_windows
 from mamba.data.fim import fim_window
 from mamba.data.mixture import WeightedSchedule, WindowShuffle
 
@@ -183,7 +182,7 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> dict[str, int]:
         targets = int(((words[:, 1:] >> layout.LOSS_SHIFT) & 1).sum())
         return {"total": words.shape[0] * (words.shape[1] - 1), "loss_generating": targets}
     labels = batch["labels"]
-    return {"total": labels.numel(), "loss_generating": int((labels != IGNORE_INDEX).sum())}
+    return {"total": labels.numel(), "loss_generating": int((labels != layout.IGNORE_INDEX).sum())}
 
 
 def build_train_dataloader(cfg: DataConfig, batch_size: int, vocab_size: int, seed: int) -> DataSpec:

@@ -1,5 +1,6 @@
-"""The packed dataset's manifest (index.json) and the state of an output directory between runs
-of the pack tool (resume journal, leftovers).
+"""The packed dataset's manifest (index.json) and the checks of its shards: the one place that
+reads index.json (read_index, which also refuses another layout version) and that decides whether
+a shard file is the one the manifest describes (the loader and `tools/pack.py inspect --verify`).
 
 index.json, written last (its presence means every shard is in place):
 
@@ -14,15 +15,19 @@ index.json, written last (its presence means every shard is in place):
     sources          [{path, bytes, documents, tokens}] per input with documents in this dataset
     skipped          [{path, reason}] per input or record left out by --on-bad-input skip
     unmatched_files  files in input directories that matched no include pattern
+
+A shard is a 1-D int32 .npy array of layout words (mamba.layout); its entry's size and sha256
+tell a truncated or modified file apart.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Iterable
+
+import numpy as np
 
 from mamba import layout
 from mamba.files import write_json_atomic
@@ -30,8 +35,7 @@ from mamba.files import write_json_atomic
 INDEX_NAME = "index.json"
 TOKENIZER_NAME = "tokenizer.json"
 SHARD_NAME = "shard_{:05d}.npy"
-PROGRESS_NAME = ".pack_progress.json"  # the resume journal; removed when packing completes
-SPLITS = ("train", "val")  # subdirectories written with a validation fraction
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 def sha256_file(path: Path) -> str:
@@ -62,57 +66,48 @@ def write_index(out_dir: Path, shards: list[dict], tokenizer: dict, eos_id: int 
 
 
 def read_index(data_dir: str | os.PathLike) -> dict:
-    """The manifest of a complete packed dataset; a clear error if the directory is not one."""
-    path = Path(data_dir) / INDEX_NAME
+    """The manifest of a complete packed dataset in this code's layout version; a clear error if
+    the directory is not one."""
+    data_dir = Path(data_dir)
+    path = data_dir / INDEX_NAME
     if not path.is_file():
-        hint = " (it holds train/ and val/: name one of them)" if (Path(data_dir) / "train" / INDEX_NAME).exists() else ""
-        raise FileNotFoundError(f"{data_dir}: not a complete packed dataset, {INDEX_NAME} is missing{hint}; "
+        hint = " (it holds train/ and val/: name one of them)" if (data_dir / "train" / INDEX_NAME).exists() else ""
+        raise FileNotFoundError(f"{path}: missing, so {data_dir} is not a complete packed dataset{hint}; "
                                 f"run tools/pack.py (index.json is written last, when every shard is in place)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    index = json.loads(path.read_text(encoding="utf-8"))
+    version = index.get("layout_version")
+    if version != layout.LAYOUT_VERSION:
+        raise ValueError(f"{path}: layout_version {version}, but this code reads version {layout.LAYOUT_VERSION}; "
+                         f"repack the data with this version's tools/pack.py")
+    return index
 
 
-def run_fingerprint(sources: list[str], options: dict) -> dict:
-    """What a resumed run must share with the interrupted one: inputs (size, mtime) and options."""
-    stats = []
-    for s in sources:
-        p = Path(s)
-        st = p.stat() if p.is_file() else None
-        stats.append([s, st.st_size if st else None, st.st_mtime_ns if st else None])
-    return {"inputs": stats, **options}
+def check_shard_file(path: Path, tokens: int) -> None:
+    """Raise unless `path` is a 1-D int32 .npy of exactly `tokens` words; reads only the header,
+    so it is cheap enough to run on every shard whenever a dataset is opened."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: shard listed in index.json is missing; re-run tools/pack.py")
+    with open(path, "rb") as f:
+        try:
+            shape, _, dtype = _HEADER_READERS[np.lib.format.read_magic(f)](f)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{path}: not a readable .npy shard ({e!r})") from None
+        data_offset = f.tell()
+    if dtype != np.int32 or shape != (tokens,):
+        raise ValueError(f"{path}: holds a {dtype} array of shape {shape}, index.json says ({tokens},) int32")
+    size, expected = os.path.getsize(path), data_offset + 4 * tokens
+    if size != expected:
+        raise ValueError(
+            f"{path}: file is {size} bytes, but {tokens} tokens need {expected}; the shard is "
+            f"truncated or was modified after packing, re-run tools/pack.py"
+        )
 
 
-def prepare_out_dir(out: Path, fingerprint: dict, split_dirs: list[Path]) -> dict | None:
-    """Make `out` ready. Returns the progress journal of an interrupted run with the same
-    fingerprint (to resume); otherwise removes such leftovers (shards, tokenizer.json, temporary
-    files, journal; never anything else) and returns None."""
-    journal = out / PROGRESS_NAME
-    if journal.is_file():
-        state = json.loads(journal.read_text())
-        if state.get("fingerprint") == fingerprint:
-            # Killed between val's and train's index.json: val's is rewritten, identical, at the end.
-            for d in split_dirs:
-                (d / INDEX_NAME).unlink(missing_ok=True)
-            return state
-    if any((d / INDEX_NAME).exists() for d in split_dirs):
-        raise FileExistsError(f"{out} already holds a packed dataset ({INDEX_NAME}); remove it or choose another --out")
-
-    def ours(p: Path) -> bool:
-        return (p.name.startswith("shard_") and p.name.endswith(".npy")) or p.name in (TOKENIZER_NAME, PROGRESS_NAME) \
-            or (p.name.startswith(".") and ".tmp" in p.name)
-
-    if out.is_dir():
-        entries = list(out.iterdir())
-        subdirs = [p for p in entries if p.is_dir() and p.name in SPLITS]
-        foreign = [p.name for p in entries if p not in subdirs and not ours(p)]
-        foreign += [f"{d.name}/{p.name}" for d in subdirs for p in d.iterdir() if not ours(p)]
-        if foreign:
-            raise FileExistsError(f"{out}: output directory is not empty ({', '.join(sorted(foreign)[:5])} ...); "
-                                  f"pack into a new or empty directory")
-        for d in subdirs:
-            shutil.rmtree(d)
-        for p in entries:
-            if p not in subdirs:
-                p.unlink()
-    for d in split_dirs:
-        d.mkdir(parents=True, exist_ok=True)
-    return None
+def check_shard_sha256(path: Path, sha256: str) -> None:
+    """Raise unless the file's bytes hash to `sha256` (index.json's); reads the whole file."""
+    actual = sha256_file(path)
+    if actual != sha256:
+        raise ValueError(
+            f"{path}: sha256 differs from index.json: the file's {actual} differs from the {sha256} "
+            f"recorded when it was packed, so the shard is corrupt or was modified since; re-run tools/pack.py"
+        )

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from mamba import layout
-from mamba.data.dataset import IGNORE_INDEX, PackedSource, decode_windows
-from mamba.data.pack import ShardWriter, write_index
+from mamba.data.dataset import PackedSource, decode_windows
+from mamba.data.manifest import write_index
+from mamba.data.shards import ShardWriter
+from mamba.layout import IGNORE_INDEX
 
 BYTE_IDENTITY = {"kind": "byte", "name": "byte", "sha256": "byte-v1", "vocab_size": 258}
 

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from mamba.data import inspect
 from mamba.data.pack import pack
@@ -44,6 +45,27 @@ def test_summary_and_verify(tmp_path):
     np.save(shard, words)
     [problem] = inspect.verify(out)
     assert "shard_00001.npy: sha256 differs" in problem
+
+
+def test_verify_reports_each_bad_shard_like_the_loader(tmp_path):
+    """--verify runs the loader's checks (mamba.data.manifest): a truncated and a missing shard
+    are each reported, not raised."""
+    out = _packed(tmp_path)
+    shard = out / "shard_00000.npy"
+    shard.write_bytes(shard.read_bytes()[:-4])
+    (out / "shard_00002.npy").unlink()
+    truncated, missing = inspect.verify(out)
+    assert "shard_00000.npy: file is" in truncated and "truncated" in truncated
+    assert "shard_00002.npy: shard listed in index.json is missing" in missing
+
+
+def test_other_layout_version_refused(tmp_path):
+    out = _packed(tmp_path)
+    index = json.loads((out / "index.json").read_text())
+    index["layout_version"] = 99
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="layout_version 99"):
+        inspect.summary(out)
 
 
 def test_cli(tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mamba import layout
+from mamba.data import pack as pack_module
 from mamba.data.dataset import PackedSource
 from mamba.data.pack import pack
 from mamba.data.tokenizer import load_tokenizer
@@ -248,6 +249,7 @@ def test_workers_give_identical_bytes(stdlib_files, tmp_path):
                workers=2)
     assert len(one["shards"]) > 3 and _shard_bytes(tmp_path / "w1") == _shard_bytes(tmp_path / "w2")
     assert one["shards"] == two["shards"] and one["sources"] == two["sources"]
+    assert pack_module._worker_encoder is None  # only the worker processes hold a worker encoder
 
 
 def test_long_documents_keep_every_boundary(tmp_path):
@@ -294,6 +296,8 @@ def test_validation_split_by_document(stdlib_files, tmp_path):
     again = pack(stdlib_files, tmp_path / "o2", tokenizer="byte", val_fraction=0.3, seed=1, workers=2)
     assert again["val_manifest"]["shards"] == val["shards"]
     PackedSource(tmp_path / "o" / "val", 16)  # each side is a complete dataset for the loader
+    with pytest.raises(FileNotFoundError, match=r"not a complete packed dataset \(it holds train/ and val/"):
+        PackedSource(tmp_path / "o", 16)  # the loader reads index.json through manifest.read_index too
 
 
 RESUME_SCRIPT = """

@@ -19,8 +19,9 @@ from composer import Trainer
 from torch.utils.data import DataLoader
 
 from mamba import layout
-from mamba.data.dataset import IGNORE_INDEX, decode_windows
+from mamba.data.dataset import decode_windows
 from mamba.data.loader import as_data_spec
+from mamba.layout import IGNORE_INDEX
 from mamba.model.composer_model import ComposerMambaLM
 from mamba.model.lm import MambaConfig, MambaLMHeadModel
 

@@ -88,14 +88,3 @@ def check_words(words, where: str) -> None:
             f"the shard is corrupt or not a packed shard — re-run tools/pack.py"
         )
 
-
-def document_index(positions):
-    """Per-token document number inside a window, from the position field.
-
-    positions: (..., L) integer tensor/array. A new document starts wherever the position is 0,
-    except at the first token, which starts document 0 whatever its position.
-    Returns an array of the same shape counting from 0 (this is mamba-ssm's ``seq_idx``).
-    """
-    starts = positions == 0
-    starts[..., 0] = False
-    return starts.cumsum(-1)

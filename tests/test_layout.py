@@ -1,4 +1,4 @@
-"""mamba.layout: encode/decode round trip, edge values, rejected inputs, document_index."""
+"""mamba.layout: encode/decode round trip, edge values, rejected inputs, the sign-bit check."""
 import numpy as np
 import pytest
 import torch
@@ -70,18 +70,3 @@ def test_check_words_rejects_sign_bit():
     with pytest.raises(ValueError, match="shard_x"):
         layout.check_words(np.array([5, -1], dtype=np.int32), "shard_x")
 
-
-@pytest.mark.parametrize("to", [np.asarray, torch.tensor])
-def test_document_index(to):
-    positions = to([[3, 4, 0, 1, 2, 0, 0, 1], [0, 1, 2, 3, 0, 1, 2, 3]])
-    expected = [[0, 0, 1, 1, 1, 2, 3, 3], [0, 0, 0, 0, 1, 1, 1, 1]]
-    got = layout.document_index(positions)
-    assert np.asarray(got).tolist() == expected
-    assert np.asarray(positions)[0, 0] == 3  # the input is left untouched
-
-
-def test_document_index_from_decoded_words():
-    # Saturated positions of a long document must not start new documents.
-    pos = [16380, 16381, 16382, 16383, 16383, 16383, 0, 1]
-    _, decoded_pos, _ = layout.decode(layout.encode([1] * 8, [p if p < 16383 else 20000 for p in pos], [1] * 8))
-    assert layout.document_index(decoded_pos).tolist() == [0, 0, 0, 0, 0, 0, 1, 1]

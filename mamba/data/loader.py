@@ -185,6 +185,15 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> dict[str, int]:
     return {"total": labels.numel(), "loss_generating": int((labels != layout.IGNORE_INDEX).sum())}
 
 
+def batch_shape(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(batch size, tokens per sequence the model sees) of a batch of words (B, L + 1), or of a
+    decoded batch (input_ids (B, L)); ComposerMambaLM.flops_per_batch reads it (the trainer passes it)."""
+    if "words" in batch:
+        return batch["words"].shape[0], batch["words"].shape[1] - 1
+    batch_size, seq_len = batch["input_ids"].shape
+    return batch_size, seq_len
+
+
 def build_train_dataloader(cfg: DataConfig, batch_size: int, vocab_size: int, seed: int) -> DataSpec:
     """This rank's endless stream of `batch_size`-window batches from cfg.sources (see module doc)."""
     sources = open_sources(cfg.sources, "data.sources", cfg.seq_len, vocab_size, cfg.verify)

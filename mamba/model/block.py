@@ -12,6 +12,9 @@ mixer's output back at the end of each block; the final `norm_f(hidden + residua
 backbone closes the stream. Mathematically it equals the usual x + mixer(norm(x)) per layer; it
 exists so that the add and the next norm can be fused into one kernel (mamba-ssm) and, here, so
 that the residual stream can be kept in float32 while the blocks compute in a lower precision.
+
+`step` is the same block for one token (hidden (batch, d_model)), through the mixer's `step` and
+the torch add + norm (`add_norm`, shared with `forward`), for recurrent inference.
 """
 from __future__ import annotations
 
@@ -39,6 +42,16 @@ class Block(nn.Module):
         self.norm = norm
         self.mixer = mixer
 
+    def add_norm(self, hidden_states: torch.Tensor,
+                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The torch prenorm residual: (norm(hidden + residual), hidden + residual), any leading shape."""
+        residual = hidden_states if residual is None else hidden_states + residual
+        normed = self.norm(residual.to(dtype=self.norm.weight.dtype))
+        if self.residual_in_fp32:
+            # mamba-ssm casts to float32; "at least" float32 also lets float64 tests stay exact.
+            residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
+        return normed, residual
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -46,13 +59,15 @@ class Block(nn.Module):
         reset: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if kernels.use_cuda(self.kernels_mode, hidden_states, "add+norm"):
-            hidden_states, residual = kernels.add_rms_norm(hidden_states, residual, self.norm.weight,
-                                                           self.norm.eps, self.residual_in_fp32)
-            return self.mixer(hidden_states, reset=reset), residual
-        residual = hidden_states if residual is None else hidden_states + residual
-        hidden_states = self.norm(residual.to(dtype=self.norm.weight.dtype))
-        if self.residual_in_fp32:
-            # mamba-ssm casts to float32; "at least" float32 also lets float64 tests stay exact.
-            residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
-        hidden_states = self.mixer(hidden_states, reset=reset)
-        return hidden_states, residual
+            normed, residual = kernels.add_rms_norm(hidden_states, residual, self.norm.weight, self.norm.eps,
+                                                    self.residual_in_fp32)
+        else:
+            normed, residual = self.add_norm(hidden_states, residual)
+        return self.mixer(normed, reset=reset), residual
+
+    def step(self, hidden_states: torch.Tensor, residual: torch.Tensor | None,
+             cache: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token: hidden_states, residual (batch, d_model); cache the mixer's (conv_state,
+        ssm_state) from its `allocate_inference_cache`, updated in place. Always the torch add + norm."""
+        normed, residual = self.add_norm(hidden_states, residual)
+        return self.mixer.step(normed, *cache), residual

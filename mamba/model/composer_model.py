@@ -1,16 +1,25 @@
 """Adapts the plain `MambaLMHeadModel` to Composer: loss, metrics, FLOPs and FSDP2 wrapping.
 
-The model itself never imports Composer; everything Composer needs to know lives here.
+The model itself never imports Composer; everything Composer needs to know lives here. Nor does
+this module know the loader's batch format: the trainer hands it the loader's `batch_shape`.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 
+from mamba.layout import IGNORE_INDEX
 from mamba.model.flops import flops_per_token
 from mamba.model.lm import MambaLMHeadModel
-from mamba.model.loss import DEFAULT_CHUNK_SIZE, IGNORE_INDEX
+
+
+def input_ids_shape(batch: dict) -> tuple[int, int]:
+    """(B, L) of a decoded batch's input_ids (B, L)."""
+    batch_size, seq_len = batch["input_ids"].shape
+    return batch_size, seq_len
 
 
 class ComposerMambaLM(ComposerModel):
@@ -22,15 +31,19 @@ class ComposerMambaLM(ComposerModel):
     inside the model's forward (so FSDP has gathered the head) chunk by chunk (mamba/model/loss.py);
     `loss` passes it on. Evaluation returns logits for Composer's metrics, sliced to the real
     vocabulary (`config.vocab_size`): the head's padded rows are not tokens, so neither the
-    training loss nor the eval metrics see them.
+    training loss nor the eval metrics see them; the loss's chunk size is the model's
+    (`MambaConfig.loss_chunk_size`).
     No training metrics: they would need the logits training avoids; the loss itself is logged.
     Which submodules become FSDP units is decided by mamba/training/parallel.py.
     """
 
-    def __init__(self, model: MambaLMHeadModel, loss_chunk_size: int = DEFAULT_CHUNK_SIZE):
+    def __init__(self, model: MambaLMHeadModel, batch_shape: Callable[[dict], tuple[int, int]] = input_ids_shape):
+        """batch_shape(batch) -> (batch size, tokens per sequence the model sees), for
+        `flops_per_batch`: the trainer passes mamba.data.loader.batch_shape, which also reads the
+        loader's undecoded batches; the default reads a decoded batch's input_ids."""
         super().__init__()
         self.model = model
-        model.lm_head.loss_chunk_size = loss_chunk_size
+        self.batch_shape = batch_shape
         self.eval_metrics = {
             "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
             "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
@@ -57,10 +70,8 @@ class ComposerMambaLM(ComposerModel):
     def flops_per_batch(self, batch: dict) -> int:
         """Training FLOPs (forward + backward, no recomputation) for this batch; feeds MFU.
 
-        Composer passes the whole batch as the loader gives it, {"words": (B, L + 1)} (the model
-        sees L tokens per window), or a decoded one with input_ids (B, L).
+        Composer passes the whole batch as the loader gives it; `batch_shape` reads its size.
         """
-        batch_size, seq_len = batch["input_ids"].shape if "input_ids" in batch else \
-            (batch["words"].shape[0], batch["words"].shape[1] - 1)
+        batch_size, seq_len = self.batch_shape(batch)
         # L also caps Mamba-2's SSD chunk length in the formula.
         return flops_per_token(self.model.config, seq_len=seq_len) * batch_size * seq_len

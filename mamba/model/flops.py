@@ -38,18 +38,13 @@ App. B), so MFU stays comparable across recomputation settings.
 """
 from __future__ import annotations
 
-import math
-
-
-def dt_rank_of(config) -> int:
-    """mamba-ssm's "auto" dt_rank: ceil(d_model / 16)."""
-    return math.ceil(config.d_model / 16) if config.dt_rank == "auto" else int(config.dt_rank)
+from mamba.model.mamba1 import resolve_dt_rank
 
 
 def mamba1_layer_flops(config) -> tuple[int, int]:
     """(matmul, other) forward FLOPs per token of one Mamba-1 mixer."""
     d, n = config.d_model, config.d_state
-    e, r = config.expand * d, dt_rank_of(config)
+    e, r = config.expand * d, resolve_dt_rank(d, config.dt_rank)
     matmul = 2 * d * 2 * e + 2 * e * (r + 2 * n) + 2 * r * e + 2 * e * d
     other = 2 * e * config.d_conv + 9 * e * n
     return matmul, other

@@ -10,15 +10,21 @@ mamba-ssm (and, with `backbone.embedding` renamed `backbone.embeddings`, into HF
 Document isolation: packed windows hold several documents; given `position_ids` (each token's
 position inside its document), the tokens at position 0 start a document, and every mixer
 restarts its conv and SSM state there, so a document never sees its predecessor.
+
+Recurrent inference: `allocate_inference_cache(batch)` gives every layer's zero (conv_state,
+ssm_state) and `step(tokens, cache)` feeds one token per sequence through the same modules
+(each mixer's own `step`, `Block.step`), as mamba-ssm; model/generation.py loops and samples.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 from torch import nn
 
+from mamba.config.schema import KernelMode, SsmLayer
 from mamba.model.block import Block
 from mamba.model.loss import DEFAULT_CHUNK_SIZE, chunked_cross_entropy
 from mamba.model.mamba1 import Mamba
@@ -37,7 +43,7 @@ class MambaConfig:
     """Number of Mamba blocks."""
     vocab_size: int
     """Tokenizer vocabulary size (before padding)."""
-    ssm_layer: str = "mamba1"
+    ssm_layer: SsmLayer = "mamba1"
     """Mixer: "mamba1" (selective scan) or "mamba2" (SSD, multi-head)."""
     d_state: int = 16
     """SSM state size N per channel (mamba-ssm's Mamba-2 default is 128)."""
@@ -61,7 +67,7 @@ class MambaConfig:
     """Mamba-2: chunk length Q of the SSD scan (changes rounding only, not the result)."""
     A_init_range: tuple = (1.0, 16.0)
     """Mamba-2: A ~ U(A_init_range) per head at init (A_log = log A)."""
-    kernels: str = "auto"
+    kernels: KernelMode = "auto"
     """"auto" | "torch" | "cuda": mamba-ssm's CUDA kernels or the torch ops (ops/kernels.py)."""
     norm_eps: float = 1e-5
     """Epsilon of every RMSNorm."""
@@ -77,6 +83,8 @@ class MambaConfig:
     """Divide each out_proj init by sqrt(n_layer) (GPT-2 style depth scaling)."""
     document_isolation: bool = True
     """Reset conv and SSM state where position_ids == 0 (a document start)."""
+    loss_chunk_size: int = DEFAULT_CHUNK_SIZE
+    """Tokens per chunk of the training loss (mamba/model/loss.py): memory only, same result."""
 
     @property
     def padded_vocab_size(self) -> int:
@@ -84,7 +92,8 @@ class MambaConfig:
         return self.vocab_size + (-self.vocab_size % self.pad_vocab_size_multiple)
 
 
-SSM_LAYERS = ("mamba1", "mamba2")
+# Recurrent state of the whole model: per layer, its mixer's (conv_state, ssm_state).
+InferenceCache = list[tuple[torch.Tensor, torch.Tensor]]
 N_RESIDUALS_PER_LAYER = 1  # mamba-ssm: 1 without an MLP (d_intermediate = 0), 2 with one
 
 
@@ -98,7 +107,7 @@ def make_mixer(config: MambaConfig) -> nn.Module:
     if c.ssm_layer == "mamba2":
         return Mamba2(c.d_model, headdim=c.headdim, ngroups=c.ngroups, chunk_size=c.chunk_size,
                       A_init_range=c.A_init_range, norm_eps=c.norm_eps, **common)
-    raise ValueError(f"ssm_layer={c.ssm_layer!r}: choose one of {SSM_LAYERS}")
+    raise ValueError(f"ssm_layer={c.ssm_layer!r}: choose one of {get_args(SsmLayer)}")
 
 
 class MixerModel(nn.Module):
@@ -129,8 +138,24 @@ class MixerModel(nn.Module):
         if kernels.use_cuda(self.kernels_mode, hidden_states, "add+norm"):
             return kernels.add_rms_norm(hidden_states, residual, self.norm_f.weight, self.norm_f.eps,
                                         self.residual_in_fp32, prenorm=False)
+        return self.close_residual(hidden_states, residual)
+
+    def close_residual(self, hidden_states: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The torch final norm_f(hidden + residual) that ends the prenorm stream (block.py)."""
         residual = hidden_states if residual is None else hidden_states + residual
         return self.norm_f(residual.to(dtype=self.norm_f.weight.dtype))
+
+    def allocate_inference_cache(self, batch: int) -> InferenceCache:
+        """Every layer's zero (conv_state, ssm_state), on the embedding's device, in at least float32."""
+        weight = self.embedding.weight
+        return [layer.mixer.allocate_inference_cache(batch, weight.device, weight.dtype) for layer in self.layers]
+
+    def step(self, tokens: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        """One token per sequence: tokens (batch,) int64 -> final hidden (batch, d); updates cache in place."""
+        hidden_states, residual = self.embedding(tokens), None
+        for layer, layer_cache in zip(self.layers, cache):
+            hidden_states, residual = layer.step(hidden_states, residual, layer_cache)
+        return self.close_residual(hidden_states, residual)
 
 
 class LMHead(nn.Linear):
@@ -166,13 +191,12 @@ class MambaLMHeadModel(nn.Module):
 
     def __init__(self, config: MambaConfig):
         super().__init__()
-        if config.kernels not in kernels.KERNEL_MODES:
-            raise ValueError(f"kernels={config.kernels!r}: choose one of {kernels.KERNEL_MODES}")
+        kernels.check_mode(config.kernels)
         if config.kernels == "cuda":
             kernels.require_cuda_kernels()  # fail at build time, not at the first batch
         self.config = config
         self.backbone = MixerModel(config)
-        self.lm_head = LMHead(config.d_model, config.padded_vocab_size, config.vocab_size)
+        self.lm_head = LMHead(config.d_model, config.padded_vocab_size, config.vocab_size, config.loss_chunk_size)
         self.init_weights()
 
     def tie_weights(self) -> None:
@@ -217,6 +241,20 @@ class MambaLMHeadModel(nn.Module):
         """input_ids, position_ids, labels (batch, L) int64 -> logits or the loss (class doc)."""
         hidden = self.backbone(input_ids, reset=self.document_starts(position_ids))  # (batch, L, d)
         return self.lm_head(hidden, labels)
+
+    def allocate_inference_cache(self, batch: int) -> InferenceCache:
+        """Zero recurrent state for `batch` sequences (an empty context), one (conv_state,
+        ssm_state) per layer; `step` updates it in place."""
+        return self.backbone.allocate_inference_cache(batch)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        """Feed one token per sequence: tokens (batch,) int64 -> logits (batch, padded_vocab_size).
+
+        The prompt goes through the same step (prefill costs one step per token); in float64 the
+        logits equal `forward`'s to rounding (tests/model/test_generation.py).
+        """
+        return self.lm_head(self.backbone.step(tokens, cache))
 
     def num_parameters(self, exclude_embedding: bool = False) -> int:
         """Parameter count, tied weights once; exclude_embedding leaves out the token embedding

@@ -17,7 +17,7 @@ mamba-ssm) but only the first `vocab_size` are real tokens. The loss uses W[:voc
 rows take no part in the softmax and get exactly zero gradient from the loss, so the loss is the
 tokenizer-vocabulary cross-entropy whatever the padding. A label >= vocab_size is an error.
 
-ignore_index (-100) tokens contribute nothing; the mean is over counted tokens, as
+IGNORE_INDEX (-100, mamba/layout.py) tokens contribute nothing; the mean is over counted tokens, as
 `F.cross_entropy(reduction="mean")`. One deliberate difference: when no token of the batch is
 counted, F.cross_entropy returns nan (0/0); this returns 0 with zero gradients, so a micro batch
 made only of masked tokens (possible with loss masks) cannot poison a gradient-accumulation step.
@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from mamba.layout import IGNORE_INDEX
+
 DEFAULT_CHUNK_SIZE = 4096  # rows of (chunk, V) fp32 logits: 4096 x 50k x 4 B = 0.8 GB at most
 
 

@@ -16,7 +16,10 @@ which is mamba-ssm's `Mamba.forward` slow path (the one without the fused CUDA k
 addition is `reset`: document starts inside a packed window, where the conv and the SSM state
 restart from zero (document isolation). On CUDA with mamba-ssm importable the mixer runs on its
 kernels (ops/kernels.py): the fused mamba_inner_fn when no document starts are given; with them
-the conv and the scan separately (the scan's resets via ops.selective_scan.scan_with_resets).
+the conv and the scan separately (the scan's resets via ops.kernels.scan_with_resets).
+
+`step` is the same mixer for one token with the conv and SSM states carried (mamba-ssm's
+`Mamba.step`): recurrent inference in O(1) work per token (model/generation.py).
 """
 from __future__ import annotations
 
@@ -26,20 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mamba.model.mixer_init import init_dt_bias, state_options
 from mamba.model.ops import kernels
-from mamba.model.ops.causal_conv1d import causal_conv1d
+from mamba.model.ops.causal_conv1d import causal_conv1d, causal_conv1d_step
 from mamba.model.ops.selective_scan import selective_scan
 
 
-@torch.no_grad()
-def init_dt_bias(bias: torch.Tensor, dt_min: float, dt_max: float, floor: float) -> None:
-    """Fill a dt bias (one value per channel or head) as mamba-ssm does for Mamba-1 and Mamba-2:
-    dt = exp(U(log dt_min, log dt_max)), floored, stored as softplus^-1(dt) so that
-    softplus(dt_input + bias) starts near dt (Gu & Dao 2023, Sec. 3.6 / App. E.2)."""
-    lo, hi = math.log(dt_min), math.log(dt_max)
-    u = torch.rand(bias.shape, device=bias.device, dtype=torch.float32)
-    dt = torch.exp(u * (hi - lo) + lo).clamp(min=floor)
-    bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+def resolve_dt_rank(d_model: int, dt_rank: int | str) -> int:
+    """The rank R of the dt projection; "auto" is mamba-ssm's ceil(d_model / 16)."""
+    return math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
 
 
 class Mamba(nn.Module):
@@ -50,9 +48,8 @@ class Mamba(nn.Module):
     A_log (E, N), D (E), out_proj.weight (d, E). A_log, D and dt_proj.bias are float32 and
     `_no_weight_decay`.
 
-    Stable attributes for stepping (generation reads them): d_model, d_inner, d_state, d_conv,
-    dt_rank; in_proj output order [x, z]; x_proj output order [dt, B, C]; the conv state is the
-    last d_conv inputs of x, the SSM state (batch, d_inner, d_state).
+    Recurrent state (`allocate_inference_cache`, `step`): the conv state is the last d_conv
+    inputs of x (batch, E, d_conv), the SSM state h (batch, E, N).
     """
 
     def __init__(
@@ -75,7 +72,7 @@ class Mamba(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner = expand * d_model
-        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.dt_rank = resolve_dt_rank(d_model, dt_rank)
         self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
         self.kernels_mode = kernels_mode
 
@@ -150,3 +147,31 @@ class Mamba(nn.Module):
         else:
             y = selective_scan(*args, delta_softplus=True, reset=reset)
         return self.out_proj(y.transpose(1, 2))
+
+    def allocate_inference_cache(self, batch: int, device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero (conv_state (batch, E, d_conv), ssm_state (batch, E, N)): an empty context, in at
+        least float32 (mixer_init.state_options)."""
+        options = state_options(self.in_proj.weight, device, dtype)
+        return (torch.zeros(batch, self.d_inner, self.d_conv, **options),
+                torch.zeros(batch, self.d_inner, self.d_state, **options))
+
+    def step(self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        """One token: hidden (batch, d_model) -> (batch, d_model); updates both states in place.
+
+        The per-token form of `forward` (the recurrence of ops/selective_scan.py), computed in the
+        states' dtype; the projections run in the weights' dtype, as in `forward`.
+        """
+        dtype = conv_state.dtype
+        x, z = self.in_proj(hidden).to(dtype).chunk(2, dim=-1)  # (batch, E) each
+        x = F.silu(causal_conv1d_step(conv_state, x, self.conv1d.weight, self.conv1d.bias))
+        x_dbl = self.x_proj(x.to(hidden.dtype)).to(dtype)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # A, D and the dt bias as the forward takes them: float32 (as mamba-ssm), then the state dtype.
+        dt_bias = self.dt_proj.bias.float().to(dtype)
+        dt = F.softplus(F.linear(dt, self.dt_proj.weight.to(dtype), dt_bias))  # (batch, E)
+        A = -torch.exp(self.A_log.float()).to(dtype)  # (E, N)
+        # h = exp(dt A) h + dt B x;  y = <C, h> + D x;  y *= silu(z)
+        ssm_state.mul_(torch.exp(dt[:, :, None] * A)).add_(dt[:, :, None] * x[:, :, None] * B[:, None, :])
+        y = torch.einsum("ben,bn->be", ssm_state, C) + self.D.float().to(dtype) * x
+        y = y * F.silu(z)
+        return self.out_proj(y.to(hidden.dtype))

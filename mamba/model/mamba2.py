@@ -13,6 +13,10 @@ Per token, with E = d_inner = expand * d_model, H = nheads = E / headdim, G = ng
 `reset` (batch, L) bool marks document starts: conv and SSM state restart there. On CUDA with
 mamba-ssm importable, the whole mixer after in_proj runs as its fused kernel (ops/kernels.py),
 which restarts at the same document starts.
+
+`step` is the same mixer for one token with the conv and SSM states carried (mamba-ssm's
+`Mamba2.step`; the recurrence is Dao & Gu 2024, eq. (1) with a scalar A per head): recurrent
+inference in O(1) work per token (model/generation.py).
 """
 from __future__ import annotations
 
@@ -20,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mamba.model.mamba1 import init_dt_bias
+from mamba.model.mixer_init import init_dt_bias, state_options
 from mamba.model.ops import kernels
-from mamba.model.ops.causal_conv1d import causal_conv1d
+from mamba.model.ops.causal_conv1d import causal_conv1d, causal_conv1d_step
 from mamba.model.ops.rms_norm import RMSNormGated
 from mamba.model.ops.ssd import ssd_chunked
 
@@ -34,10 +38,9 @@ class Mamba2(nn.Module):
     (E + 2GN, 1, d_conv), conv1d.bias (E + 2GN), dt_bias (H), A_log (H), D (H), norm.weight (E),
     out_proj.weight (d_model, E). A_log, D and dt_bias are float32 and `_no_weight_decay`.
 
-    Stable attributes for stepping (generation reads them): d_model, d_inner, d_state, d_conv,
-    headdim, nheads, ngroups, chunk_size; in_proj output order [z, xBC, dt]; conv channels order
-    [x, B, C]; head h uses group h // (nheads // ngroups); the conv state is the last d_conv
-    inputs of xBC, the SSM state (batch, nheads, headdim, d_state).
+    in_proj output order [z, xBC, dt]; conv channels order [x, B, C]; head h uses group
+    h // (nheads // ngroups). Recurrent state (`allocate_inference_cache`, `step`): the conv state
+    is the last d_conv inputs of xBC (batch, E + 2GN, d_conv), the SSM state (batch, H, P, N).
     """
 
     def __init__(
@@ -131,4 +134,38 @@ class Mamba2(nn.Module):
         y = ssd_chunked(x, dt, A, B, C, chunk_size=self.chunk_size, D=D, dt_bias=dt_bias,
                         dt_softplus=True, reset=reset)
         y = self.norm(y.flatten(2), z)  # (batch, L, E)
+        return self.out_proj(y)
+
+    def allocate_inference_cache(self, batch: int, device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero (conv_state (batch, E + 2GN, d_conv), ssm_state (batch, H, P, N)): an empty
+        context, in at least float32 (mixer_init.state_options)."""
+        options = state_options(self.in_proj.weight, device, dtype)
+        return (torch.zeros(batch, self.conv1d.weight.shape[0], self.d_conv, **options),
+                torch.zeros(batch, self.nheads, self.headdim, self.d_state, **options))
+
+    def step(self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        """One token: hidden (batch, d_model) -> (batch, d_model); updates both states in place.
+
+        The per-token form of `forward`, computed in the states' dtype; the projections and the
+        gated norm run in the weights' dtype, as in `forward`. x is (H, P) per token, B and C
+        (G, N), head h reading group h // (H / G).
+        """
+        dtype = conv_state.dtype
+        batch = hidden.shape[0]
+        H, P, N, G = self.nheads, self.headdim, self.d_state, self.ngroups
+        zxbcdt = self.in_proj(hidden).to(dtype)
+        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.d_inner + 2 * G * N, H], dim=-1)
+        xBC = F.silu(causal_conv1d_step(conv_state, xBC, self.conv1d.weight, self.conv1d.bias))
+        x, B, C = torch.split(xBC, [self.d_inner, G * N, G * N], dim=-1)
+        x = x.view(batch, H, P)
+        B = B.view(batch, G, N).repeat_interleave(H // G, dim=1)  # (batch, H, N)
+        C = C.view(batch, G, N).repeat_interleave(H // G, dim=1)
+        # A, D and dt_bias as the forward takes them: float32 (as mamba-ssm), then the state dtype.
+        dt = F.softplus(dt + self.dt_bias.float().to(dtype))  # (batch, H)
+        A = -torch.exp(self.A_log.float()).to(dtype)  # (H,)
+        # h = exp(dt A) h + dt x B^T per head;  y = h C + D x
+        drive = (dt[:, :, None] * x)[:, :, :, None] * B[:, :, None, :]  # (batch, H, P, N)
+        ssm_state.mul_(torch.exp(dt * A)[:, :, None, None]).add_(drive)
+        y = torch.einsum("bhpn,bhn->bhp", ssm_state, C) + self.D.float().to(dtype)[:, None] * x
+        y = self.norm(y.reshape(batch, self.d_inner).to(hidden.dtype), z.to(hidden.dtype))  # gated RMSNorm
         return self.out_proj(y)

@@ -14,7 +14,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from mamba.config.load import to_dict
 from mamba.config.schema import FSDPConfig, TrainConfig
-from mamba.data.loader import build_eval_dataloader, build_train_dataloader
+from mamba.data.loader import batch_shape, build_eval_dataloader, build_train_dataloader
 from mamba.files import write_atomic
 from mamba.model.composer_model import ComposerMambaLM
 from mamba.model.factory import build_model
@@ -44,7 +44,8 @@ def train(cfg: TrainConfig) -> Trainer:
     # Rank 0 builds and initialises the model exactly as one process would (same seed, same weights);
     # under FSDP2 the other ranks build it on the meta device (see model_build_device).
     reproducibility.seed_all(cfg.seed)
-    model = ComposerMambaLM(build_model(cfg.model, device=model_build_device(cfg.fsdp, world_size)))
+    model = ComposerMambaLM(build_model(cfg.model, device=model_build_device(cfg.fsdp, world_size)),
+                            batch_shape=batch_shape)
     assign_units(model.model, cfg.fsdp)
     log.info("model: %s parameters", f"{model.model.num_parameters():,}")
 

@@ -1,8 +1,8 @@
-"""The shifted-sum causal conv1d against nn.Conv1d run document by document."""
+"""The shifted-sum causal conv1d and its one-token step against nn.Conv1d run document by document."""
 import pytest
 import torch
 
-from mamba.model.ops.causal_conv1d import causal_conv1d, causal_conv1d_ref
+from mamba.model.ops.causal_conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_step
 
 
 def make(batch, dim, length, taps, *, time_major, seed=0):
@@ -61,3 +61,14 @@ def test_output_keeps_time_major_memory():
     x, weight, bias = make(2, 8, 16, 4, time_major=True)
     out = causal_conv1d(x, weight, bias, torch.zeros(2, 16, dtype=torch.bool))
     assert out.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("taps", [1, 4])
+def test_step_token_by_token_equals_the_convolution(taps):
+    """causal_conv1d_step from a zero state, one token at a time, gives the causal conv's outputs."""
+    x, weight, bias = make(2, 5, 9, taps, time_major=False, seed=taps)
+    for b in (bias, None):
+        state = torch.zeros(2, 5, taps, dtype=torch.float64)
+        stepped = torch.stack([causal_conv1d_step(state, x[:, :, t], weight, b) for t in range(9)], dim=-1)
+        torch.testing.assert_close(stepped, causal_conv1d_ref(x, weight, b), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(state, x[:, :, 9 - taps:])  # the last K inputs, oldest first

@@ -1,14 +1,18 @@
-"""Recurrent inference (mamba/model/generation.py) against the parallel forward.
+"""Recurrent inference (MambaLMHeadModel.step, mamba/model/generation.py) against the parallel forward.
 
 In float64 the step-by-step logits equal the full-sequence forward to 1e-10 (the same sums in
 another order), for Mamba-1 and Mamba-2 (2 groups of 2 heads, SSD chunks of 8 so the 29 tokens
-span several chunks); greedy decoding is deterministic, and sampling obeys top-p.
+span several chunks), and so does each mixer's own step against its forward; the recurrent
+state stays in float32 under a bf16 model; greedy decoding is deterministic, and sampling obeys
+top-p.
 """
 import pytest
 import torch
 
-from mamba.model.generation import InferenceCache, generate, sample, step
+from mamba.model.generation import generate, sample
 from mamba.model.lm import MambaConfig, MambaLMHeadModel
+from mamba.model.mamba1 import Mamba
+from mamba.model.mamba2 import Mamba2
 
 VOCAB = 50
 
@@ -30,10 +34,35 @@ def test_step_by_step_logits_equal_full_forward_float64(ssm_layer):
     ids = torch.randint(0, VOCAB, (3, 29), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(ids)  # (3, 29, 56)
-    cache = InferenceCache(model, batch=3)
-    stepped = torch.stack([step(model, ids[:, t], cache) for t in range(ids.shape[1])], dim=1)
+    cache = model.allocate_inference_cache(batch=3)
+    stepped = torch.stack([model.step(ids[:, t], cache) for t in range(ids.shape[1])], dim=1)
     assert stepped.dtype == torch.float64
     torch.testing.assert_close(stepped, full, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("mixer_class, kw", [(Mamba, dict(dt_rank=4)), (Mamba2, dict(headdim=16, ngroups=2))])
+def test_each_mixer_step_equals_its_forward_float64(mixer_class, kw):
+    torch.manual_seed(8)
+    mixer = mixer_class(32, d_state=8, kernels_mode="torch", **kw).double()
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        x = torch.randn(2, 13, 32, dtype=torch.float64)
+        full = mixer(x)
+        conv_state, ssm_state = mixer.allocate_inference_cache(2)
+        stepped = torch.stack([mixer.step(x[:, t], conv_state, ssm_state) for t in range(13)], dim=1)
+    assert conv_state.dtype == ssm_state.dtype == torch.float64
+    torch.testing.assert_close(stepped, full, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("ssm_layer", ["mamba1", "mamba2"])
+def test_inference_state_is_at_least_float32_under_bf16(ssm_layer):
+    model = random_model(9, dtype=torch.bfloat16, ssm_layer=ssm_layer)
+    cache = model.allocate_inference_cache(batch=2)
+    assert len(cache) == 2 and all(s.dtype == torch.float32 for layer in cache for s in layer)
+    logits = model.step(torch.tensor([3, 4]), cache)
+    assert logits.shape == (2, 56) and logits.dtype == torch.bfloat16
+    assert all(bool(layer[1].abs().sum() > 0) for layer in cache)  # the step wrote the SSM states
 
 
 def test_step_by_step_float32_within_tight_tolerance():
@@ -41,8 +70,8 @@ def test_step_by_step_float32_within_tight_tolerance():
     ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(ids)
-    cache = InferenceCache(model, batch=2)
-    stepped = torch.stack([step(model, ids[:, t], cache) for t in range(ids.shape[1])], dim=1)
+    cache = model.allocate_inference_cache(batch=2)
+    stepped = torch.stack([model.step(ids[:, t], cache) for t in range(ids.shape[1])], dim=1)
     torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-5)
 
 

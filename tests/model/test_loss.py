@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mamba.model.loss import IGNORE_INDEX, chunked_cross_entropy
+from mamba.layout import IGNORE_INDEX
+from mamba.model.loss import chunked_cross_entropy
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 

@@ -8,7 +8,8 @@ and must stay finite where an exp-of-cumulative-sum formulation overflows.
 import pytest
 import torch
 
-from mamba.model.ops.selective_scan import scan_with_resets, selective_scan, selective_scan_ref
+from mamba.model.ops.kernels import scan_with_resets
+from mamba.model.ops.selective_scan import selective_scan, selective_scan_ref
 from kernel_standins import selective_scan_fn
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")

@@ -12,7 +12,8 @@ Written as a sum of K shifted, weighted copies of x, that is one mask per shift:
 x[t-k] where no document starts in (t-k, t]. Masking multiplies by exact zeros, so the output of
 a document is bit-for-bit independent of what the documents before it contain.
 
-The activation (SiLU) is left to the caller, as in mamba-ssm's slow path.
+The activation (SiLU) is left to the caller, as in mamba-ssm's slow path. `causal_conv1d_step` is
+the same convolution one token at a time, for recurrent inference (the mixers' `step`).
 """
 from __future__ import annotations
 
@@ -40,6 +41,20 @@ def causal_conv1d(x, weight, bias=None, reset=None):
             shifted = shifted * same_doc[k - 1][:, :, None]
         out[:, k:].addcmul_(shifted, w[taps - 1 - k])
     return out.transpose(1, 2)
+
+
+def causal_conv1d_step(conv_state, x, weight, bias=None):
+    """One token of `causal_conv1d`: x (batch, D) the newest input; conv_state (batch, D, K) the last
+    K inputs, oldest first, shifted in place so that x becomes its last entry. Returns the output
+    (batch, D) in conv_state's dtype (mamba-ssm's `causal_conv1d_update` without the activation).
+
+    The newest input sits at index K-1 and meets weight[:, 0, K-1], as in the causal conv
+    (out_t = sum_k weight[K-1-k] x_{t-k}); a zero state is an empty context.
+    """
+    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+    conv_state[:, :, -1] = x
+    out = (conv_state * weight[:, 0, :].to(conv_state.dtype)).sum(-1)
+    return out if bias is None else out + bias.to(out.dtype)
 
 
 def _same_document_masks(reset, taps, dtype):

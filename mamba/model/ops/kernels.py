@@ -20,7 +20,7 @@ mamba-ssm's own modules train with):
   selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus) (Mamba-1 with document
       starts): seq_idx resets the conv; it needs x channel-last (stride(1) == 1), i.e. a (b, d, l)
       view of (b, l, d)-contiguous memory, which is what the mixers hold. The scan has no reset
-      and is called through ops.selective_scan.scan_with_resets, which makes the decay into each
+      and is called through `scan_with_resets` (below), which makes the decay into each
       document's first token exactly zero (a per-channel delta large enough that exp(delta * A)
       underflows, the input rescaled to match): exact isolation, at the cost of a few elementwise
       passes outside the fused kernel.
@@ -35,14 +35,14 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import get_args
 
 import torch
+import torch.nn.functional as F
 
-from mamba.model.ops.selective_scan import scan_with_resets
+from mamba.config.schema import KernelMode
 
 log = logging.getLogger(__name__)
-
-KERNEL_MODES = ("auto", "torch", "cuda")
 
 
 @functools.lru_cache(maxsize=None)
@@ -85,11 +85,16 @@ def _log_once(message: str) -> None:
     log.info(message)
 
 
+def check_mode(mode: str) -> None:
+    """Raise a ValueError unless `mode` is one of KernelMode's values (mamba/config/schema.py)."""
+    if mode not in get_args(KernelMode):
+        raise ValueError(f"model.kernels={mode!r}: choose one of {get_args(KernelMode)}")
+
+
 def use_cuda(mode: str, tensor: torch.Tensor, op: str) -> bool:
     """Whether `op` ("selective scan", "ssd scan", "add+norm") runs on the kernels for this input;
     logs the choice once per op."""
-    if mode not in KERNEL_MODES:
-        raise ValueError(f"model.kernels={mode!r}: choose one of {KERNEL_MODES}")
+    check_mode(mode)
     if mode == "cuda":
         require_cuda_kernels()
         if not tensor.is_cuda:
@@ -113,6 +118,48 @@ def conv1d_silu(x, weight, bias, seq_idx):
     if x.stride(1) != 1:  # seq_idx needs channel-last memory
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
     return fn(x, weight[:, 0, :], bias, seq_idx=seq_idx, activation="silu")
+
+
+# exp(-RESET_DECAY_EXPONENT) underflows to exactly 0 in float32 (whose smallest subnormal is
+# e^-103.3) with margin for a bf16-rounded delta; see scan_with_resets.
+RESET_DECAY_EXPONENT = 200.0
+
+
+def scan_with_resets(scan, u, delta, A, B, C, D, z, delta_bias, reset):
+    """Exact document resets on a scan that has none (mamba-ssm's `selective_scan_fn`).
+
+    `scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)` must have the semantics of
+    ops/selective_scan.py's selective_scan_ref without `reset`. Arguments as selective_scan_ref with delta_softplus=True; reset
+    (batch, L) bool. At a document start t the reset recurrence is h_t = delta_t B_t u_t (the old
+    state dropped). The scan is given, at such t only,
+        delta'_t = RESET_DECAY_EXPONENT / min_n |A[d, n]|   per channel d, so that every decay
+                   exp(delta'_t A[d, n]) <= exp(-RESET_DECAY_EXPONENT) is exactly 0 in float32,
+        u'_t     = u_t * delta_t / delta'_t               so that delta'_t B_t u'_t = delta_t B_t u_t,
+    which is that recurrence. u enters the scan's output through D u too, so D and the z gate
+    are applied here, outside the scan, with the true u. Gradients are exact as well: autograd
+    carries u' and delta back to u and delta, the kernel's dA and ddelta terms at t multiply the
+    zero decay (mamba-ssm's backward recomputes the decayed state as h_t - delta B u, exactly 0
+    there), and its reverse scan stops at the zero decay. The cost is ~6 elementwise passes over
+    (batch, D, L) outside the fused kernel. Tested against selective_scan_ref(reset=...).
+    """
+    cdtype = torch.float64 if u.dtype == torch.float64 else torch.float32  # the kernel computes in float32
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        delta = F.softplus(delta.to(cdtype) + delta_bias.to(cdtype)[:, None])  # (batch, D, L), as the kernel
+        # (D,): the scale at which even the slowest decay of channel d vanishes. A constant for
+        # autograd: the result does not depend on it, and its gradient would only add rounding.
+        slowest = (-A.detach().to(cdtype)).amin(dim=1).clamp(min=1e-20)
+        vanish = (RESET_DECAY_EXPONENT / slowest)[None, :, None]  # (1, D, 1)
+        at_reset = reset[:, None, :]  # (batch, 1, L)
+        scan_delta = torch.where(at_reset, vanish, delta).to(u.dtype)
+        scan_u = torch.where(at_reset, u.to(cdtype) * (delta / vanish), u.to(cdtype)).to(u.dtype)
+    y = scan(scan_u, scan_delta, A, B, C, None, None, None, False)  # (batch, D, L), no D, no gate
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        y = y.to(cdtype)
+        if D is not None:
+            y = y + u.to(cdtype) * D.to(cdtype)[:, None]
+        if z is not None:
+            y = y * F.silu(z.to(cdtype))
+    return y.to(u.dtype)
 
 
 def selective_scan_with_resets(u, delta, A, B, C, D, z, delta_bias, reset):

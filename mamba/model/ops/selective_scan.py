@@ -101,48 +101,6 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return y.to(out_dtype)
 
 
-# exp(-RESET_DECAY_EXPONENT) underflows to exactly 0 in float32 (whose smallest subnormal is
-# e^-103.3) with margin for a bf16-rounded delta; see scan_with_resets.
-RESET_DECAY_EXPONENT = 200.0
-
-
-def scan_with_resets(scan, u, delta, A, B, C, D, z, delta_bias, reset):
-    """Exact document resets on a scan that has none (mamba-ssm's `selective_scan_fn`).
-
-    `scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)` must have selective_scan_ref's
-    semantics without `reset`. Arguments as selective_scan_ref with delta_softplus=True; reset
-    (batch, L) bool. At a document start t the reset recurrence is h_t = delta_t B_t u_t (the old
-    state dropped). The scan is given, at such t only,
-        delta'_t = RESET_DECAY_EXPONENT / min_n |A[d, n]|   per channel d, so that every decay
-                   exp(delta'_t A[d, n]) <= exp(-RESET_DECAY_EXPONENT) is exactly 0 in float32,
-        u'_t     = u_t * delta_t / delta'_t               so that delta'_t B_t u'_t = delta_t B_t u_t,
-    which is that recurrence. u enters the scan's output through D u too, so D and the z gate
-    are applied here, outside the scan, with the true u. Gradients are exact as well: autograd
-    carries u' and delta back to u and delta, the kernel's dA and ddelta terms at t multiply the
-    zero decay (mamba-ssm's backward recomputes the decayed state as h_t - delta B u, exactly 0
-    there), and its reverse scan stops at the zero decay. The cost is ~6 elementwise passes over
-    (batch, D, L) outside the fused kernel. Tested against selective_scan_ref(reset=...).
-    """
-    cdtype = torch.float64 if u.dtype == torch.float64 else torch.float32  # the kernel computes in float32
-    with torch.autocast(device_type=u.device.type, enabled=False):
-        delta = F.softplus(delta.to(cdtype) + delta_bias.to(cdtype)[:, None])  # (batch, D, L), as the kernel
-        # (D,): the scale at which even the slowest decay of channel d vanishes. A constant for
-        # autograd: the result does not depend on it, and its gradient would only add rounding.
-        slowest = (-A.detach().to(cdtype)).amin(dim=1).clamp(min=1e-20)
-        vanish = (RESET_DECAY_EXPONENT / slowest)[None, :, None]  # (1, D, 1)
-        at_reset = reset[:, None, :]  # (batch, 1, L)
-        scan_delta = torch.where(at_reset, vanish, delta).to(u.dtype)
-        scan_u = torch.where(at_reset, u.to(cdtype) * (delta / vanish), u.to(cdtype)).to(u.dtype)
-    y = scan(scan_u, scan_delta, A, B, C, None, None, None, False)  # (batch, D, L), no D, no gate
-    with torch.autocast(device_type=u.device.type, enabled=False):
-        y = y.to(cdtype)
-        if D is not None:
-            y = y + u.to(cdtype) * D.to(cdtype)[:, None]
-        if z is not None:
-            y = y * F.silu(z.to(cdtype))
-    return y.to(u.dtype)
-
-
 def _chunked(x, chunk):
     """(batch, L, *rest) -> (batch, nc, T, *rest), zero-padded at the end of time to nc * T.
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from mamba.training.metrics_file import read_metrics  # noqa: E402
+from mamba.runs.metrics import read_metrics  # noqa: E402
 
 TINY = ["model.d_model=128", "model.n_layer=4", "data.seq_len=256", "trainer.global_batch_size=8",
         "trainer.micro_batch_size=4", "scheduler.t_warmup=4ba", "logging.progress_bar=false",

@@ -18,8 +18,10 @@ if importlib.util.find_spec("mamba") is None:  # run from a checkout without ins
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mamba.config import ConfigError  # noqa: E402
-from mamba.model.hf import CheckpointMismatchError, export_hf  # noqa: E402
-from mamba.training.checkpoint_io import load_model_from_checkpoint, resolve_checkpoint, run_tokenizer  # noqa: E402
+from mamba.model.hf import CheckpointMismatchError  # noqa: E402
+from mamba.runs.checkpoints import load_model_from_checkpoint, resolve_checkpoint  # noqa: E402
+from mamba.runs.export import export_hf  # noqa: E402
+from mamba.runs.run_config import run_tokenizer  # noqa: E402
 
 
 def main(argv=None) -> int:

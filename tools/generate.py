@@ -23,7 +23,8 @@ from mamba.config import ConfigError  # noqa: E402
 from mamba.data.tokenizer import load_tokenizer  # noqa: E402
 from mamba.model.generation import generate  # noqa: E402
 from mamba.model.hf import CheckpointMismatchError, model_from_pretrained  # noqa: E402
-from mamba.training.checkpoint_io import load_model_from_checkpoint, run_tokenizer  # noqa: E402
+from mamba.runs.checkpoints import load_model_from_checkpoint  # noqa: E402
+from mamba.runs.run_config import run_tokenizer  # noqa: E402
 
 
 def load(source: str, tokenizer: str | None):

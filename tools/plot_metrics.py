@@ -24,7 +24,7 @@ PANELS = ["loss", "learning rate", "tokens/s per device"]
 
 def curves(rows: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
     """key -> (batches, values), one value per batch (the last line for it), in batch order."""
-    from mamba.training.metrics_file import series  # sys.path is set in __main__
+    from mamba.runs.metrics import series  # sys.path is set in __main__
 
     out = {}
     for key, _, _ in CURVES:
@@ -41,7 +41,7 @@ def plot(metrics_path: Path, out_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     from mamba.files import write_atomic
-    from mamba.training.metrics_file import read_metrics
+    from mamba.runs.metrics import read_metrics
 
     data = curves(read_metrics(str(metrics_path)))
     if "loss/train/total" not in data:

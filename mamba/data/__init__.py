@@ -2,7 +2,8 @@
 
     readers.py    inputs -> documents: files, directories, JSONL (text or chat), Parquet, HF
                   datasets, .gz/.zst; the bad-input policy (fail or skip with a report)
-    tokenizer.py  load_tokenizer("byte" | "bpe:N" | path to tokenizer.json), special token ids
+    tokenizer.py  load_tokenizer("byte" | "bpe:N" | path to tokenizer.json), special token ids;
+                  the tokenizer files shipped beside a HF export
     pack.py       documents -> shard_00000.npy ... + index.json, parallel and resumable
                   (tools/pack.py is its CLI): plan, tokenizer, tokenize, write, finish
     shards.py     pack's output directory: ShardWriter, the resume journal, leftovers of a run

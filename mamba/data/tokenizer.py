@@ -11,12 +11,17 @@ Every tokenizer offers encode_batch(texts) -> list of id lists, decode(ids) -> s
 eos_id and identity (a dict recorded in the packed dataset's index.json, so a checkpoint can be
 matched with the exact tokenizer that produced its data).
 
+write_tokenizer_files puts a tokenizer.json beside a HF model export with the two small files
+`transformers.AutoTokenizer` needs (mamba.runs.export calls it).
+
 Ids must fit the 16-bit token field of mamba.layout, so vocabularies above 65,536 are refused.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -191,3 +196,22 @@ def load_tokenizer(spec: str, inputs_for_training: Iterable[str] | None = None,
             f"HF tokenizer.json (or a directory holding one)"
         )
     return HFTokenizer(path.resolve(), kind="hf", name=path.name, eos=eos)
+
+
+def write_tokenizer_files(tokenizer_path: Path, out: Path) -> int | None:
+    """Copy tokenizer.json into `out` and describe it for AutoTokenizer; returns the EOS id."""
+    from tokenizers import Tokenizer
+
+    src = tokenizer_path / "tokenizer.json" if tokenizer_path.is_dir() else tokenizer_path
+    if not src.is_file():
+        raise FileNotFoundError(f"tokenizer {tokenizer_path}: no tokenizer.json there")
+    shutil.copyfile(src, out / "tokenizer.json")
+    tok = Tokenizer.from_file(str(src))
+    eos = next((n for n in EOS_CANDIDATES if tok.token_to_id(n) is not None), None)
+    special = {"eos_token": eos, "bos_token": eos, "unk_token": eos, "pad_token": eos} if eos else {}
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+         "model_input_names": ["input_ids", "attention_mask"], **special},  # Mamba takes no token_type_ids
+        indent=2) + "\n")
+    return tok.token_to_id(eos) if eos else None

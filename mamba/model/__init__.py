@@ -10,7 +10,8 @@
                      loss; allocate_inference_cache and step over the layers)
     loss.py          cross-entropy over the vocabulary in chunks
     factory.py       build_model(ModelConfig): the model a training config describes
-    hf.py            import from mamba-ssm / HF directories, export to HF transformers
+    hf.py            the mapping to and from mamba-ssm / HF transformers (configs, state dicts);
+                     mamba.runs.export writes the HF directory
     generation.py    generate: the decoding loop over the model's step, and sampling
     flops.py         training FLOPs per token (MFU)
     composer_model.py  the Composer adapter (imports composer: import it explicitly)

@@ -1,4 +1,4 @@
-"""Interchange with mamba-ssm and HF transformers: read their checkpoints, write a HF directory.
+"""Interchange with mamba-ssm and HF transformers: the pure mapping of configs and state dicts.
 
 Our parameter names are mamba-ssm's (`backbone.embedding`, `backbone.layers.{i}.norm`,
 `backbone.layers.{i}.mixer.*`, `backbone.norm_f`, `lm_head`). HF transformers' MambaForCausalLM
@@ -11,22 +11,18 @@ Layouts read by `load_pretrained`:
                (`MambaLMHeadModel.save_pretrained` / `from_pretrained`, mixer_seq_simple.py);
   HF           config.json {model_type: mamba | mamba2, hidden_size, ...} + model.safetensors or
                pytorch_model.bin, optionally sharded with a *.index.json.
-`export_hf` writes the HF layout (config.json, model.safetensors, tokenizer files).
+The other way, hf_config and hf_state_dict give a HF directory's config.json and weights;
+mamba.runs.export writes the directory itself (with the tokenizer files of mamba.data.tokenizer).
 """
 from __future__ import annotations
 
 import json
-import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from mamba.model.lm import MambaConfig, MambaLMHeadModel
-
-log = logging.getLogger(__name__)
 
 HF_EMBEDDING = "backbone.embeddings.weight"
 OUR_EMBEDDING = "backbone.embedding.weight"
@@ -274,59 +270,3 @@ def hf_state_dict(model: MambaLMHeadModel) -> dict[str, torch.Tensor]:
             continue
         out[HF_EMBEDDING if key == OUR_EMBEDDING else key] = value.detach().cpu().contiguous().clone()
     return out
-
-
-def export_hf(model: MambaLMHeadModel, out_dir: str, tokenizer_path: str | None = None) -> None:
-    """Write a HF transformers directory (config.json, model.safetensors, tokenizer files).
-
-    tokenizer_path: a tokenizer.json (or a directory holding one), copied with a
-    tokenizer_config.json and special_tokens_map.json so `AutoTokenizer.from_pretrained` works.
-    Everything is written into a temporary sibling directory renamed to out_dir when complete;
-    out_dir must not exist or be empty.
-    """
-    from safetensors.torch import save_file
-
-    if mixer_kind(model) == "mamba2" and model.config.ngroups > 1:
-        # transformers <= 4.53's MambaRMSNormGated normalises over all of d_inner, mamba-ssm per
-        # group (group_size = d_inner / ngroups): the weights are right, HF's output differs.
-        log.warning("ngroups=%d: HF transformers' Mamba2 normalises the gated RMSNorm over all "
-                    "channels, not per group as mamba-ssm and this model do; its logits will differ",
-                    model.config.ngroups)
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty directory; choose a new output directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    try:
-        eos_id = None
-        if tokenizer_path is not None:
-            eos_id = write_tokenizer_files(Path(tokenizer_path), tmp)
-        (tmp / "config.json").write_text(json.dumps(hf_config(model, eos_id), indent=2) + "\n")
-        save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_tokenizer_files(tokenizer_path: Path, out: Path) -> int | None:
-    """Copy tokenizer.json into `out` and describe it for AutoTokenizer; returns the EOS id."""
-    from tokenizers import Tokenizer
-
-    from mamba.data.tokenizer import EOS_CANDIDATES
-
-    src = tokenizer_path / "tokenizer.json" if tokenizer_path.is_dir() else tokenizer_path
-    if not src.is_file():
-        raise FileNotFoundError(f"tokenizer {tokenizer_path}: no tokenizer.json there")
-    shutil.copyfile(src, out / "tokenizer.json")
-    tok = Tokenizer.from_file(str(src))
-    eos = next((n for n in EOS_CANDIDATES if tok.token_to_id(n) is not None), None)
-    special = {"eos_token": eos, "bos_token": eos, "unk_token": eos, "pad_token": eos} if eos else {}
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-         "model_input_names": ["input_ids", "attention_mask"], **special},  # Mamba takes no token_type_ids
-        indent=2) + "\n")
-    return tok.token_to_id(eos) if eos else None

@@ -1,4 +1,6 @@
-"""A Composer logger that appends metrics as JSON lines: easy to plot, diff and test against."""
+"""A Composer logger that appends metrics as JSON lines: easy to plot, diff and test against.
+
+mamba.runs.metrics reads the file back (read_metrics, series) without importing Composer."""
 from __future__ import annotations
 
 import json
@@ -53,15 +55,3 @@ class JSONLinesLogger(LoggerDestination):
 def _plain(value):
     """Tensors and numpy scalars to Python floats so that json can write them."""
     return value.item() if hasattr(value, "item") else value
-
-
-def read_metrics(path: str) -> list[dict]:
-    """All lines of a metrics file, in order."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def series(rows: list[dict], key: str) -> dict[int, float]:
-    """{batch: value} of one metric over metrics-file rows; a batch logged again (a resumed
-    run repeats its last batches' lines) keeps its last value."""
-    return {r["batch"]: r[key] for r in rows if key in r}

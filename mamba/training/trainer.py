@@ -3,21 +3,19 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from composer import Evaluator, Trainer
 from composer.utils import dist, reproducibility
-from omegaconf import OmegaConf
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from mamba.config.load import to_dict
 from mamba.config.schema import FSDPConfig, TrainConfig
 from mamba.data.loader import batch_shape, build_eval_dataloader, build_train_dataloader
-from mamba.files import write_atomic
 from mamba.model.composer_model import ComposerMambaLM
 from mamba.model.factory import build_model
+from mamba.runs.export import export_final_weights
+from mamba.runs.run_config import write_run_config
 from mamba.training.callbacks import build_callbacks, build_loggers
 from mamba.training.optim import build_optimizer
 from mamba.training.parallel import (assign_units, average_gloo_gradients, build_parallelism, check_world_size,
@@ -118,29 +116,13 @@ def model_build_device(fsdp: FSDPConfig, world_size: int) -> str | None:
     return None
 
 
-def write_run_config(cfg: TrainConfig, folder: Path) -> None:
-    """The resolved config as YAML at <folder>/config.yaml, written to a temp name then renamed."""
-    folder.mkdir(parents=True, exist_ok=True)
-    text = OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
-    write_atomic(folder / "config.yaml", lambda f: f.write(text.encode("utf-8")))
-
-
 def export_final_model(trainer: Trainer, cfg: TrainConfig, out_dir: Path) -> None:
     """Gather the full (unsharded) weights on every rank's CPU, then rank 0 writes the HF directory."""
-    from mamba.model.hf import export_hf
-    from mamba.training.checkpoint_io import run_tokenizer
-
     # A collective under FSDP2 (all ranks must call it); a plain state dict on one rank.
     state = get_model_state_dict(trainer.state.model.model,
                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_global_rank() == 0:
-        if out_dir.exists():  # the export of an earlier end of this run, before max_duration was raised
-            shutil.rmtree(out_dir)
-        model = build_model(cfg.model, device="cpu")
-        model.load_state_dict(state)
-        model.tie_weights()
-        export_hf(model, str(out_dir), tokenizer_path=run_tokenizer(cfg))
-        log.info("exported the final model to %s", out_dir)
+        export_final_weights(cfg, state, out_dir)
     dist.barrier()
 
 

@@ -13,7 +13,7 @@ from mamba.config import planner
 from mamba.config.load import load_config
 from mamba.config.presets import MODEL_PRESETS
 from mamba.model.factory import build_model
-from mamba.training.metrics_file import read_metrics
+from mamba.runs.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mamba.training.metrics_file import read_metrics, series
+from mamba.runs.metrics import read_metrics, series
 
 REPO = Path(__file__).resolve().parents[2]
 BATCHES = 16

@@ -1,4 +1,5 @@
-"""Interchange with HF transformers and mamba-ssm's checkpoint layout (mamba/model/hf.py).
+"""Interchange with HF transformers and mamba-ssm's checkpoint layout (mamba/model/hf.py; the
+export directory itself is mamba/runs/export.py's).
 
 transformers (the pinned 4.53) is the reference: its MambaForCausalLM on CPU runs its own
 sequential torch implementation, so equal logits mean equal weights, names and semantics.
@@ -12,8 +13,9 @@ from transformers import MambaConfig as HFMambaConfig
 from transformers import Mamba2Config as HFMamba2Config
 from transformers import Mamba2ForCausalLM, MambaForCausalLM
 
-from mamba.model.hf import CheckpointMismatchError, export_hf, load_pretrained
+from mamba.model.hf import CheckpointMismatchError, load_pretrained
 from mamba.model.lm import MambaConfig, MambaLMHeadModel
+from mamba.runs.export import export_hf
 
 VOCAB = 50  # padded to 56 with the default multiple of 8
 
@@ -82,13 +84,6 @@ def test_mamba2_import_from_transformers_save_pretrained(tmp_path):
     ids = tokens(5)
     with torch.no_grad():
         assert_close(model(ids), hf(ids).logits)
-
-
-def test_export_refuses_a_non_empty_directory(tmp_path):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("x")
-    with pytest.raises(FileExistsError, match="not an empty directory"):
-        export_hf(random_model(0), str(tmp_path / "out"))
 
 
 def test_import_from_transformers_save_pretrained(tmp_path):

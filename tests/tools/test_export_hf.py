@@ -24,7 +24,7 @@ from mamba.data.tokenizer import load_tokenizer
 from mamba.model.composer_model import ComposerMambaLM
 from mamba.model.factory import build_model
 from mamba.model.generation import generate
-from mamba.training.checkpoint_io import load_model_from_checkpoint, resolve_checkpoint
+from mamba.runs.checkpoints import load_model_from_checkpoint, resolve_checkpoint
 from mamba.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[2]

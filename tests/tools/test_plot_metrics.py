@@ -13,7 +13,8 @@ from test_callbacks import stdlib_batches  # noqa: E402
 
 from mamba.model.composer_model import ComposerMambaLM  # noqa: E402
 from mamba.model.lm import MambaConfig, MambaLMHeadModel  # noqa: E402
-from mamba.training.metrics_file import JSONLinesLogger, read_metrics  # noqa: E402
+from mamba.runs.metrics import read_metrics  # noqa: E402
+from mamba.training.metrics_file import JSONLinesLogger  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))

@@ -15,8 +15,9 @@ from composer.core import Callback
 
 from mamba.model.composer_model import ComposerMambaLM
 from mamba.model.lm import MambaConfig, MambaLMHeadModel
+from mamba.runs.metrics import read_metrics
 from mamba.training.callbacks import GradientGuard, NonFiniteLossError
-from mamba.training.metrics_file import JSONLinesLogger, read_metrics
+from mamba.training.metrics_file import JSONLinesLogger
 from mamba.device_peaks import gpu_peak_flops
 from mamba.training.signals import MissingLatestCheckpoint
 

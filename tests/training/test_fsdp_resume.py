@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from mamba.training.metrics_file import read_metrics, series
+from mamba.runs.metrics import read_metrics, series
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSER = Path(sys.executable).parent / "composer"

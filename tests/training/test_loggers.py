@@ -19,7 +19,7 @@ from mamba.config.load import load_config  # noqa: E402
 from mamba.model.composer_model import ComposerMambaLM  # noqa: E402
 from mamba.model.lm import MambaConfig, MambaLMHeadModel  # noqa: E402
 from mamba.training.callbacks import build_loggers  # noqa: E402
-from mamba.training.metrics_file import read_metrics, series  # noqa: E402
+from mamba.runs.metrics import read_metrics, series  # noqa: E402
 
 LOSS = "loss/train/total"
 BATCHES = 5

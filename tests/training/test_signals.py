@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mamba.training.metrics_file import read_metrics
+from mamba.runs.metrics import read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_fsdp_resume import COMPOSER, REPO, free_port, run  # noqa: E402

@@ -7,25 +7,25 @@ Composer writes one of two forms (composer/callbacks/checkpoint_saver.py, utils/
             `.metadata` file plus `__{rank}_{i}.distcp` shards; the same nested dict, flattened by
             DCP into keys "state.model.model.backbone...".
 and, in the save_folder, a `latest-rank0.pt` symlink to the newest one. Only the model's tensors
-are read (no optimizer state). The architecture comes from the run's `config.yaml`, which the
-trainer writes into its save_folder.
+are read (no optimizer state). The architecture comes from the run's config.yaml
+(mamba.runs.run_config), which the trainer writes into its save_folder.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import re
 from pathlib import Path
 
 import torch
 
 from mamba.config.load import load_config
-from mamba.config.schema import TrainConfig
+from mamba.config.schema import ModelConfig, TrainConfig
 from mamba.model.factory import build_model
 from mamba.model.lm import MambaLMHeadModel
+from mamba.runs.run_config import CONFIG_NAME
 
 MODEL_PREFIX = "model."  # ComposerMambaLM keeps the plain model as its `model` attribute
 DCP_MODEL_PREFIX = "state.model." + MODEL_PREFIX
-CONFIG_NAME = "config.yaml"
 _ENTRY = re.compile(r"^ep(\d+)-ba(\d+)")
 
 
@@ -108,31 +108,20 @@ def find_run_config(checkpoint: str | Path) -> Path:
 def load_model_from_checkpoint(checkpoint: str | Path, config: str | Path | None = None) -> tuple[MambaLMHeadModel, TrainConfig]:
     """Build the model the run trained (architecture from its config.yaml) and load its weights."""
     cfg = load_config(config if config is not None else find_run_config(checkpoint))
-    cfg.model.init_from = None  # the checkpoint's own weights replace any initial import
-    model = build_model(cfg.model, device="cpu")
-    state = load_model_state(checkpoint)
-    if model.config.tie_embeddings:
-        state.setdefault("lm_head.weight", state.get("backbone.embedding.weight"))
+    return model_with_weights(cfg.model, load_model_state(checkpoint), f"checkpoint {checkpoint}"), cfg
+
+
+def model_with_weights(model_cfg: ModelConfig, state: dict[str, torch.Tensor], source: str) -> MambaLMHeadModel:
+    """The CPU model `model_cfg` describes, holding the plain-model state dict `state` (from
+    `source`, named in errors), in eval mode. A tied model's state may lack lm_head.weight."""
+    # The state replaces every weight, so any initial import (init_from) would only be read in vain.
+    model = build_model(dataclasses.replace(model_cfg, init_from=None), device="cpu")
+    if model.config.tie_embeddings and "backbone.embedding.weight" in state:
+        state = {"lm_head.weight": state["backbone.embedding.weight"], **state}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
-            f"checkpoint {checkpoint} does not match the config's model: missing {missing[:5]}, "
+            f"{source} does not match the config's model: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}; pass the run's own config with --config")
     model.tie_weights()
-    return model.eval(), cfg
-
-
-def run_tokenizer(cfg: TrainConfig) -> str | None:
-    """The tokenizer.json the run's training data was packed with (the first source's own copy,
-    else index.json's tokenizer.path); None for the built-in byte tokenizer."""
-    source = Path(cfg.data.sources[0]["path"])
-    index = source / "index.json"
-    if not index.is_file():
-        raise FileNotFoundError(f"training data {source} has no index.json; pass --tokenizer")
-    tok = json.loads(index.read_text())["tokenizer"]
-    if tok["kind"] == "byte":
-        return None
-    for candidate in (source / "tokenizer.json", Path(tok.get("path", ""))):
-        if candidate.is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"tokenizer of {index} ({tok.get('path') or tok['name']}) not found; pass --tokenizer")
+    return model.eval()

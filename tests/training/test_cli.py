@@ -1,5 +1,6 @@
 """mamba/train.py's command line (mamba.training.cli.main), in this process: usage, config errors,
 and a tiny run that ends with the trainer closed and the process group released."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,23 @@ def test_usage(argv, code, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == code and USAGE in capsys.readouterr().out
+
+
+def test_the_script_runs_as_composer_launches_it():
+    """`composer ... mamba/train.py` runs the file as a script, with mamba/ first on sys.path."""
+    run = subprocess.run([sys.executable, "mamba/train.py", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0 and USAGE in run.stdout, run.stderr[-2000:]
+
+
+def test_the_package_folder_never_shadows_installed_modules(tmp_path):
+    """With mamba/ first on sys.path (a script inside it was run), importing the package drops it:
+    `import config` must then find an installed top-level `config`, not mamba/config/."""
+    (tmp_path / "config.py").write_text("WHERE = 'installed'\n")
+    code = (f"import sys; sys.path.insert(0, {str(REPO / 'mamba')!r}); import mamba, config; "
+            f"print(getattr(config, 'WHERE', config.__file__))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert run.returncode == 0 and run.stdout.strip() == "installed", run.stdout + run.stderr[-2000:]
 
 
 def test_a_misspelled_key_exits_with_the_key_and_a_close_match(tmp_path):

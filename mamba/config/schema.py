@@ -185,9 +185,15 @@ class TrainerConfig:
     save_interval: str = "1000ba"
     """Checkpoint every this often (and at the end)."""
     save_num_checkpoints_to_keep: int = 3
-    """Older checkpoints are deleted; -1 keeps all."""
+    """Complete checkpoints kept (older ones are deleted after each save); -1 keeps all; 0 keeps
+    the newest one (the last intact checkpoint is never deleted)."""
     autoresume: bool = True
-    """Resume from the newest checkpoint in save_folder when one exists (needs a fixed run_name)."""
+    """Resume from the newest intact checkpoint in save_folder (torn ones are moved to torn/ with a
+    warning; none intact: refuse). Needs a fixed run_name."""
+    start_over: bool = False
+    """Move save_folder's checkpoints into save_folder/previous-<time>/ and train from batch 0. Give it
+    on the command line of one launch only (a requeued job repeating it would start over again).
+    Without it a launch over existing checkpoints resumes (autoresume) or refuses."""
     export_hf: bool = False
     """At the end of training rank 0 writes the final model as a transformers directory to <save_folder>/hf."""
     on_nonfinite_loss: NonFiniteAction = "stop"

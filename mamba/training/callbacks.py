@@ -32,7 +32,7 @@ from torch.distributed.tensor import DTensor
 from mamba.config.schema import NonFiniteAction, TrainConfig
 from mamba.device_peaks import peak_flops_per_device
 from mamba.training.metrics_file import JSONLinesLogger
-from mamba.training.signals import MissingLatestCheckpoint, SigtermCheckpoint
+from mamba.training.signals import SigtermCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,6 @@ def build_callbacks(cfg: TrainConfig, device: str, precision: str, save_folder: 
         RuntimeEstimator(time_unit="seconds"),
         GradientGuard(cfg.optimizer.grad_clip_norm, cfg.trainer.on_nonfinite_loss, save_folder),
         SigtermCheckpoint(),
-        MissingLatestCheckpoint(save_folder, cfg.trainer.autoresume),
     ]
 
 

@@ -15,10 +15,8 @@ longer than that must be started earlier (slurm.sh's USR1 before the time limit)
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
-from pathlib import Path
 
 import torch
 from composer.core import Callback, State
@@ -68,29 +66,3 @@ class SigtermCheckpoint(Callback):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
-
-
-class MissingLatestCheckpoint(Callback):
-    """Refuse to start from scratch when save_folder holds complete checkpoints but no latest link.
-
-    Composer replaces `latest-rank0.pt` by unlink + symlink after a save; a kill between the two
-    system calls leaves no link, and autoresume would then silently restart at batch 0. A complete
-    sharded checkpoint is a directory with torch.distributed.checkpoint's `.metadata` (written by
-    rank 0 after every rank's shard); a full one is a `*-rank0.pt` file.
-    """
-
-    def __init__(self, save_folder: str, autoresume: bool):
-        self.save_folder, self.autoresume = Path(save_folder), autoresume
-
-    def fit_start(self, state: State, logger: Logger) -> None:
-        if not self.autoresume or int(state.timestamp.batch) > 0 or not self.save_folder.is_dir():
-            return
-        if os.path.lexists(self.save_folder / "latest-rank0.pt"):
-            return
-        complete = [p for p in self.save_folder.glob("ep*-ba*") if (p / ".metadata").is_file() or p.suffix == ".pt"]
-        if complete:
-            newest = max(complete, key=lambda p: int(p.name.split("-ba")[1].split("-")[0]))
-            raise RuntimeError(
-                f"{self.save_folder} has checkpoints but no latest-rank0.pt link (a run was killed while "
-                f"moving it), so autoresume would start from scratch. Restore the link and relaunch: "
-                f"ln -s {newest.name} {self.save_folder / 'latest-rank0.pt'}")

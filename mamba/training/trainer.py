@@ -20,6 +20,7 @@ from mamba.training.callbacks import build_callbacks, build_loggers
 from mamba.training.optim import build_optimizer
 from mamba.training.parallel import (assign_units, average_gloo_gradients, build_parallelism, check_world_size,
                                      resolve_device, resolve_precision)
+from mamba.training.resume import ManifestCheckpointSaver, prepare_save_folder
 from mamba.training.schedules import build_scheduler
 from mamba.training.signals import sigterm_received
 
@@ -35,6 +36,9 @@ def train(cfg: TrainConfig) -> Trainer:
     world_size = dist.get_world_size()
     per_rank_batch = check_world_size(cfg, world_size)
     save_folder = cfg.trainer.save_folder.format(run_name=cfg.run_name)
+    # Never a silent start from batch 0 over the run's checkpoints: resume from the newest intact
+    # one (torn ones moved aside, loudly), refuse, or start over only if trainer.start_over says so.
+    prepare_save_folder(save_folder, cfg.trainer.autoresume, cfg.trainer.start_over)
     if dist.get_global_rank() == 0:
         write_run_config(cfg, Path(save_folder))  # tools/export_hf.py rebuilds the model from it
 
@@ -73,15 +77,14 @@ def train(cfg: TrainConfig) -> Trainer:
         accumulate_train_batch_on_tokens=True,
         parallelism_config=build_parallelism(cfg.fsdp, device, world_size),
         # gradient clipping, the grad-norm log and the NaN/Inf guard are one callback (callbacks.py)
-        callbacks=build_callbacks(cfg, device, precision, save_folder),
+        # The saver writes each checkpoint's manifest and does the keep-N rotation (resume.py).
+        callbacks=[*build_callbacks(cfg, device, precision, save_folder),
+                   ManifestCheckpointSaver(save_folder, t.save_interval, t.save_num_checkpoints_to_keep)],
         loggers=build_loggers(cfg),
         progress_bar=cfg.logging.progress_bar,
         log_to_console=not cfg.logging.progress_bar,
         console_log_interval=cfg.logging.log_interval,
         save_folder=save_folder,
-        save_interval=t.save_interval,
-        save_num_checkpoints_to_keep=t.save_num_checkpoints_to_keep,
-        save_overwrite=False,
         autoresume=t.autoresume,
     )
     average_gloo_gradients(trainer.state.model.model)

@@ -30,8 +30,11 @@ def test_the_package_folder_never_shadows_installed_modules(tmp_path):
     """With mamba/ first on sys.path (a script inside it was run), importing the package drops it:
     `import config` must then find an installed top-level `config`, not mamba/config/."""
     (tmp_path / "config.py").write_text("WHERE = 'installed'\n")
-    code = (f"import sys; sys.path.insert(0, {str(REPO / 'mamba')!r}); import mamba, config; "
-            f"print(getattr(config, 'WHERE', config.__file__))")
+    # The folder of the package this interpreter imports (found without importing it), put first
+    # as running a script inside it would.
+    code = ("import importlib.util, os, sys; "
+            "sys.path.insert(0, os.path.dirname(importlib.util.find_spec('mamba').origin)); "
+            "import mamba, config; print(getattr(config, 'WHERE', config.__file__))")
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert run.returncode == 0 and run.stdout.strip() == "installed", run.stdout + run.stderr[-2000:]

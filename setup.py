@@ -26,6 +26,7 @@ setup(
         "omegaconf>=2.3",
         "numpy",
         "submitit",
+        "psutil",  # mamba/training: rank and lock-owner processes (also a Composer dependency)
         "tokenizers>=0.19",
         "safetensors",  # tools/export_hf.py writes model.safetensors
     ],

@@ -21,6 +21,7 @@ from mamba.training.optim import build_optimizer
 from mamba.training.parallel import (assign_units, average_gloo_gradients, build_parallelism, check_world_size,
                                      resolve_device, resolve_precision)
 from mamba.training.resume import ManifestCheckpointSaver, prepare_save_folder
+from mamba.training.run_lock import lock_save_folder
 from mamba.training.schedules import build_scheduler
 from mamba.training.signals import sigterm_received
 
@@ -36,6 +37,8 @@ def train(cfg: TrainConfig) -> Trainer:
     world_size = dist.get_world_size()
     per_rank_batch = check_world_size(cfg, world_size)
     save_folder = cfg.trainer.save_folder.format(run_name=cfg.run_name)
+    # Before anything is written there: one live run per save folder (run_lock.py).
+    lock = lock_save_folder(save_folder, cfg.run_name)
     # Never a silent start from batch 0 over the run's checkpoints: resume from the newest intact
     # one (torn ones moved aside, loudly), refuse, or start over only if trainer.start_over says so.
     prepare_save_folder(save_folder, cfg.trainer.autoresume, cfg.trainer.start_over)
@@ -79,7 +82,8 @@ def train(cfg: TrainConfig) -> Trainer:
         # gradient clipping, the grad-norm log and the NaN/Inf guard are one callback (callbacks.py)
         # The saver writes each checkpoint's manifest and does the keep-N rotation (resume.py).
         callbacks=[*build_callbacks(cfg, device, precision, save_folder),
-                   ManifestCheckpointSaver(save_folder, t.save_interval, t.save_num_checkpoints_to_keep)],
+                   ManifestCheckpointSaver(save_folder, t.save_interval, t.save_num_checkpoints_to_keep),
+                   lock],  # released by trainer.close()
         loggers=build_loggers(cfg),
         progress_bar=cfg.logging.progress_bar,
         log_to_console=not cfg.logging.progress_bar,

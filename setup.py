@@ -38,7 +38,7 @@ setup(
         # benchmarks/model_cpu.py: HF transformers' Mamba, default and mamba.py (mambapy) paths
         "bench": TRANSFORMERS + ["mambapy"],
         # the test suite: every CPU-side extra
-        "dev": ["pytest"] + TRANSFORMERS + MONITOR + FORMATS,
+        "dev": ["pytest", "hypothesis"] + TRANSFORMERS + MONITOR + FORMATS,
         "all": ["pytest", "mambapy"] + TRANSFORMERS + MONITOR + FORMATS,
     },
 )

@@ -1,4 +1,4 @@
-"""Training throughput of the tiny config on CPU: 1 rank (no FSDP) vs 2 ranks (FSDP2), with and
+"""Training throughput of the tiny config on CPU: 1 rank (a 1-rank FSDP2 mesh) vs 2 ranks (FSDP2), with and
 without activation checkpointing. Prints a table; asserts nothing.
 
     python benchmarks/train_cpu.py [--batches 40] [--data PACKED_DIR]

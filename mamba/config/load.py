@@ -15,7 +15,9 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence, Union
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from mamba import layout
 from mamba.config.errors import ConfigError  # also importable from here, as before it had its module
@@ -40,14 +42,27 @@ def load_config(source: ConfigSource = None, overrides: Sequence[str] = ()) -> T
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         base, where = OmegaConf.load(path), str(path)
+    parsed = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optimizer.lr=1e-3)")
-    merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
-    raw = OmegaConf.to_container(merged, resolve=True)
+        try:  # one at a time, so that a value YAML cannot parse is named with its key
+            parsed.append(OmegaConf.from_dotlist([item]))
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
+            raise ConfigError(f"override {item!r}: the value of '{item.split('=', 1)[0]}' does not parse as "
+                              f"YAML ({_first_line(e)}); quote it, e.g. key='\"text\"'") from None
+    merged = OmegaConf.merge(base, *parsed)
+    try:
+        raw = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as e:  # e.g. an ${interpolation} to a key that does not exist
+        raise ConfigError(f"{where}: key '{getattr(e, 'full_key', '?')}': {_first_line(e)}") from None
     cfg = build_dataclass(TrainConfig, raw or {}, where=where)
     validate(cfg)
     return cfg
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -146,7 +161,7 @@ def validate(cfg: TrainConfig) -> None:
         _require(0 <= getattr(d, key) <= 1, f"data.{key}={getattr(d, key)} must be a probability in [0, 1]")
     for key, value in (("trainer.max_duration", t.max_duration), ("scheduler.t_warmup", s.t_warmup),
                        ("scheduler.t_max", s.t_max), ("trainer.save_interval", t.save_interval),
-                       ("logging.log_interval", cfg.logging.log_interval)):
+                       ("trainer.eval_interval", t.eval_interval), ("logging.log_interval", cfg.logging.log_interval)):
         _require(
             not value.endswith("ep"),
             f"{key}={value!r}: the training data has no epochs (each source restarts when it runs out, "
@@ -162,7 +177,7 @@ def validate(cfg: TrainConfig) -> None:
     _require(0 <= s.alpha_f <= 1, f"scheduler.alpha_f={s.alpha_f} must be in [0, 1]")
     for key, value in (("scheduler.t_warmup", s.t_warmup), ("scheduler.t_max", s.t_max),
                        ("trainer.max_duration", t.max_duration), ("trainer.save_interval", t.save_interval),
-                       ("logging.log_interval", cfg.logging.log_interval)):
+                       ("trainer.eval_interval", t.eval_interval), ("logging.log_interval", cfg.logging.log_interval)):
         _require(
             bool(_DURATION.match(value)),
             f"{key}={value!r} is not a duration: write e.g. '1000ba', '2e9tok', '1ep' or '1dur'",
@@ -174,6 +189,7 @@ def validate(cfg: TrainConfig) -> None:
         f"optimizer.no_decay={o.no_decay!r} must be a list of parameter-name parts, e.g. [A_log, D, bias]",
     )
     _require(t.micro_batch_size > 0, f"trainer.micro_batch_size must be positive, got {t.micro_batch_size}")
+    _require(t.global_batch_size > 0, f"trainer.global_batch_size must be positive, got {t.global_batch_size}")
     _require(
         t.global_batch_size % t.micro_batch_size == 0,
         f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "

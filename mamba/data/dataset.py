@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mamba import layout
-from mamba.data.manifest import INDEX_NAME, check_shard_file, check_shard_sha256, read_index
+from mamba.data.manifest import INDEX_NAME, check_listing, check_shard_file, check_shard_sha256, read_index
 
 FIM_SENTINELS = ("fim_prefix", "fim_middle", "fim_suffix")
 
@@ -41,6 +41,7 @@ class PackedSource:
         self.shard_paths = [self.data_dir / s["file"] for s in shards]
         for path, shard in zip(self.shard_paths, shards):
             check_shard_file(path, shard["tokens"])  # headers only: the hash is verify()'s
+        check_listing(self.data_dir, self.index)
 
         tokens = np.array([s["tokens"] for s in shards], dtype=np.int64).reshape(-1)
         windows = np.maximum(tokens - 1, 0) // self.seq_len  # (n_shards,)

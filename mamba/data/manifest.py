@@ -82,6 +82,19 @@ def read_index(data_dir: str | os.PathLike) -> dict:
     return index
 
 
+def check_listing(data_dir: Path, index: dict) -> None:
+    """Raise unless index.json lists every shard file in `data_dir` and its totals add up: an
+    entry removed or a count changed by hand would otherwise train on part of the data silently."""
+    listed = {s["file"] for s in index["shards"]}
+    unlisted = sorted(p.name for p in data_dir.glob(SHARD_NAME.replace("{:05d}", "*")) if p.name not in listed)
+    total = sum(s["tokens"] for s in index["shards"])
+    if unlisted or total != index.get("total_tokens", total):
+        what = (f"lists no entry for {', '.join(unlisted)}" if unlisted else
+                f"says total_tokens {index['total_tokens']} but its shards' tokens add up to {total}")
+        raise ValueError(f"{data_dir / INDEX_NAME}: {what}, so it was edited or belongs to another packing; "
+                         f"re-run tools/pack.py on {data_dir}")
+
+
 def check_shard_file(path: Path, tokens: int) -> None:
     """Raise unless `path` is a 1-D int32 .npy of exactly `tokens` words; reads only the header,
     so it is cheap enough to run on every shard whenever a dataset is opened."""

@@ -206,6 +206,21 @@ def _load_sharded(path: Path) -> dict[str, torch.Tensor]:
     return {k[len(DCP_MODEL_PREFIX):]: v for k, v in state.items()}
 
 
+def saved_model_shapes(checkpoint: Path) -> dict[str, tuple[int, ...]]:
+    """The plain model's tensor shapes in a checkpoint (keys "backbone..."), without reading its
+    weights: a sharded directory's .metadata, or a full file's tensors memory-mapped."""
+    if checkpoint.is_dir():
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        metadata = FileSystemReader(str(checkpoint)).read_metadata()
+        return {k[len(DCP_MODEL_PREFIX):]: tuple(m.size) for k, m in metadata.state_dict_metadata.items()
+                if k.startswith(DCP_MODEL_PREFIX) and isinstance(m, TensorStorageMetadata)}
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    return {k[len(MODEL_PREFIX):]: tuple(v.shape) for k, v in state["state"]["model"].items()
+            if k.startswith(MODEL_PREFIX)}
+
+
 def find_run_config(checkpoint: str | Path) -> Path:
     """The run's config.yaml: in the checkpoint's folder, or the folder above it."""
     checkpoint = Path(checkpoint)

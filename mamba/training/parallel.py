@@ -4,7 +4,8 @@ The config rules that need facts known only at training time (the world size, wh
 there) live here and raise mamba.config's ConfigError, like the loader's own rules:
 `check_world_size`, `resolve_device`, `resolve_precision`, `build_parallelism`.
 
-FSDP2 (torch's `fully_shard`, driven by Composer's `FSDP2Config`) is the default. Composer asks
+FSDP2 (torch's `fully_shard`, driven by Composer's `FSDP2Config`) is the default, on one rank too,
+so every run writes sharded checkpoints that load on any number of ranks. Composer asks
 the ComposerModel's child (the plain `MambaLMHeadModel`) two questions per submodule:
 `fsdp_wrap_fn` (is it its own FSDP unit?) and `activation_checkpointing_fn` (is it recomputed in
 backward?); `assign_units` answers them from the config.
@@ -36,6 +37,8 @@ Mixed precision (GPU, precision amp_bf16), fsdp.mixed_precision:
 Either way autocast (amp_bf16) runs the matmuls in bf16.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from composer.utils import dist
@@ -137,9 +140,27 @@ def average_gloo_gradients(model: torch.nn.Module) -> None:
             module.set_all_reduce_hook(lambda grad_shard: grad_shard.div_(world_size))
 
 
-def build_parallelism(cfg: FSDPConfig, device: str, world_size: int) -> ParallelismConfig | None:
-    """Composer's parallelism config for `world_size` ranks; None on a single rank (nothing to shard)."""
-    if world_size == 1:
+def build_parallelism(cfg: FSDPConfig, device: str, world_size: int,
+                      resume_from: Path | None = None) -> ParallelismConfig | None:
+    """Composer's parallelism config for `world_size` ranks, resuming from checkpoint `resume_from`.
+
+    FSDP2 runs on one rank too (a 1-rank mesh): every run then writes sharded DCP checkpoints, which
+    torch.distributed.checkpoint reshards on load for another number of ranks (model and optimizer
+    state are DTensors in them), so a run may resume on any number of ranks. A full one-file
+    checkpoint (`ep*-ba*-rank0.pt`, single-process runs of older versions) loads only without FSDP
+    (Composer's sharded load refuses files): one process resumes it unwrapped, as it was written,
+    and that run goes on writing full files.
+    FSDP1 (GPU only) keeps a single rank unwrapped.
+    """
+    if resume_from is not None and resume_from.is_file() and cfg.state_dict_type == "sharded":
+        if world_size > 1:
+            raise ConfigError(
+                f"{resume_from} is a full one-file checkpoint (a single-process run of an older version wrote it); "
+                f"{world_size} ranks load only sharded checkpoint directories. Resume it on one process "
+                f"(`python mamba/train.py CONFIG ...`, not `composer -n {world_size}`), or set "
+                f"trainer.start_over=true to move the run's checkpoints aside and train from batch 0")
+        return None
+    if world_size == 1 and cfg.version == 1:
         return None
     if cfg.version == 1:
         if device != "gpu":

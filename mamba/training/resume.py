@@ -15,6 +15,7 @@ counts only complete checkpoints, so it never deletes the last intact one.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -25,9 +26,13 @@ from composer.callbacks import CheckpointSaver
 from composer.core import State
 from composer.loggers import Logger
 from composer.utils import dist
+from torch.distributed.checkpoint.api import CheckpointException
 
+from mamba.config.schema import ModelConfig
+from mamba.model.factory import build_model
 from mamba.runs.checkpoints import (LATEST, check_checkpoint, checkpoint_files, checkpoint_root, file_digest,
-                                    find_checkpoints, manifest_path, write_manifest)
+                                    find_checkpoints, manifest_path, saved_model_shapes, write_manifest)
+from mamba.runs.run_config import CONFIG_NAME
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +41,10 @@ class CheckpointRefused(RuntimeError):
     """save_folder's checkpoints cannot be resumed from, and starting over was not asked for."""
 
 
-def prepare_save_folder(save_folder: str, autoresume: bool, start_over: bool) -> None:
-    """Rank 0 decides and acts; every rank returns, or raises (rank 0 its own error, the others
-    a CheckpointRefused quoting it: they would otherwise wait for rank 0 in Composer's collectives)."""
+def prepare_save_folder(save_folder: str, autoresume: bool, start_over: bool) -> Path | None:
+    """Rank 0 decides and acts; every rank returns the checkpoint Composer's autoresume will load
+    (None: training starts from batch 0), or raises (rank 0 its own error, the others a
+    CheckpointRefused quoting it: they would otherwise wait for rank 0 in Composer's collectives)."""
     failure = None
     if dist.get_global_rank() == 0:
         try:
@@ -51,6 +57,27 @@ def prepare_save_folder(save_folder: str, autoresume: bool, start_over: bool) ->
         raise failure
     if shared[0] is not None:
         raise CheckpointRefused(f"rank 0 stopped the launch: {shared[0]}")
+    link = Path(save_folder) / LATEST  # as rank 0 left it, before the broadcast returned
+    return link.parent / os.readlink(link) if autoresume and os.path.lexists(link) else None
+
+
+def check_model_shapes(checkpoint: Path | None, model_cfg: ModelConfig) -> None:
+    """Refuse to resume `checkpoint` into the model `model_cfg` describes when a weight's shape or
+    name differs (model.d_model changed, say): torch's loader would fail deep inside its planner.
+    Called before config.yaml is rewritten, so the run's own config is still there to use."""
+    if checkpoint is None:
+        return
+    saved = saved_model_shapes(checkpoint)
+    wanted = {k: tuple(v.shape) for k, v in build_model(model_cfg, device="meta").state_dict().items()}
+    differ = [f"{k}: {saved[k]} saved, {wanted[k]} in this config" for k in saved.keys() & wanted.keys()
+              if saved[k] != wanted[k]]
+    differ += [f"{k}: in the checkpoint only" for k in saved.keys() - wanted.keys()]
+    differ += [f"{k}: in this config's model only" for k in wanted.keys() - saved.keys() if k != "lm_head.weight"]
+    if differ:
+        raise CheckpointRefused(
+            f"{checkpoint} was saved by a model of another shape than this config's model.* describes "
+            f"({len(differ)} weights differ), e.g. {'; '.join(sorted(differ)[:3])}. Relaunch with the run's "
+            f"own config ({checkpoint.parent / CONFIG_NAME}), or choose another trainer.save_folder for the new model.")
 
 
 def _prepare(folder: Path, autoresume: bool, start_over: bool) -> None:
@@ -135,8 +162,17 @@ class ManifestCheckpointSaver(CheckpointSaver):
                          remote_file_name=str(Path(folder) / "ep{epoch}-ba{batch}-rank{rank}.pt"),
                          latest_remote_file_name=str(Path(folder) / "latest-rank{rank}.pt"))
         self.keep = keep
+        self.save_folder = Path(folder)
 
     def _save_checkpoint(self, state: State, logger: Logger) -> None:
+        try:
+            self._save_and_seal(state, logger)
+        # torch's own words for a full disk: "unexpected pos 704 vs 598", in a CheckpointException
+        # (a BaseException, so it is named here on its own)
+        except (Exception, CheckpointException) as err:
+            raise CheckpointSaveFailed(_save_failure(self.save_folder, err)) from err
+
+    def _save_and_seal(self, state: State, logger: Logger) -> None:
         super()._save_checkpoint(state, logger)
         saved = [self.saved_checkpoints[-1] if dist.get_global_rank() == 0 else None]
         dist.broadcast_object_list(saved, src=0)  # rank 0 always writes (the .metadata or the file)
@@ -153,6 +189,30 @@ class ManifestCheckpointSaver(CheckpointSaver):
             if self.keep >= 0:
                 _rotate(checkpoint.parent, max(self.keep, 1))
         dist.barrier()
+
+
+class CheckpointSaveFailed(RuntimeError):
+    """A checkpoint could not be written (a full disk, say); the ones before it are intact."""
+
+
+def _save_failure(folder: Path, err: BaseException) -> str:
+    """What happened and what to do. A full disk is told by errno where an OSError reaches us, else
+    by the free space left: less than a complete checkpoint of this run takes."""
+    free = shutil.disk_usage(folder).free
+    sizes = [sum(p.stat().st_size for p in checkpoint_files(c)) for c in find_checkpoints(folder)
+             if manifest_path(c).is_file()]
+    chain, full = err, False
+    while chain is not None:
+        full |= isinstance(chain, OSError) and chain.errno == errno.ENOSPC
+        chain = chain.__cause__ or chain.__context__
+    what = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    if full or (sizes and free < max(sizes)):
+        return (f"saving a checkpoint into {folder} failed: the disk is full ({free / 1e6:.1f} MB free; a "
+                f"checkpoint of this run takes {max(sizes, default=0) / 1e6:.1f} MB) [{what}]. The checkpoints "
+                f"before it are intact: free space there or set trainer.save_folder on a larger disk (copy "
+                f"the folder over), then relaunch; autoresume continues from the newest intact one.")
+    return (f"saving a checkpoint into {folder} failed [{what}]; the checkpoints before it are intact: fix "
+            f"the cause and relaunch, autoresume continues from the newest intact one.")
 
 
 def _rotate(folder: Path, keep: int) -> None:

@@ -20,7 +20,7 @@ from mamba.training.callbacks import build_callbacks, build_loggers
 from mamba.training.optim import build_optimizer
 from mamba.training.parallel import (assign_units, average_gloo_gradients, build_parallelism, check_world_size,
                                      resolve_device, resolve_precision)
-from mamba.training.resume import ManifestCheckpointSaver, prepare_save_folder
+from mamba.training.resume import ManifestCheckpointSaver, check_model_shapes, prepare_save_folder
 from mamba.training.run_lock import lock_save_folder
 from mamba.training.schedules import build_scheduler
 from mamba.training.signals import sigterm_received
@@ -41,7 +41,8 @@ def train(cfg: TrainConfig) -> Trainer:
     lock = lock_save_folder(save_folder, cfg.run_name)
     # Never a silent start from batch 0 over the run's checkpoints: resume from the newest intact
     # one (torn ones moved aside, loudly), refuse, or start over only if trainer.start_over says so.
-    prepare_save_folder(save_folder, cfg.trainer.autoresume, cfg.trainer.start_over)
+    resume_from = prepare_save_folder(save_folder, cfg.trainer.autoresume, cfg.trainer.start_over)
+    check_model_shapes(resume_from, cfg.model)  # before config.yaml below is replaced by this config
     if dist.get_global_rank() == 0:
         write_run_config(cfg, Path(save_folder))  # tools/export_hf.py rebuilds the model from it
 
@@ -78,7 +79,8 @@ def train(cfg: TrainConfig) -> Trainer:
         # its counted tokens however loss masks fall (mamba.data.loader.count_tokens).
         device_train_microbatch_size=t.micro_batch_size,
         accumulate_train_batch_on_tokens=True,
-        parallelism_config=build_parallelism(cfg.fsdp, device, world_size),
+        # FSDP2 on every world size (one rank too): checkpoints reshard to another number of ranks.
+        parallelism_config=build_parallelism(cfg.fsdp, device, world_size, resume_from),
         # gradient clipping, the grad-norm log and the NaN/Inf guard are one callback (callbacks.py)
         # The saver writes each checkpoint's manifest and does the keep-N rotation (resume.py).
         callbacks=[*build_callbacks(cfg, device, precision, save_folder),
@@ -125,7 +127,7 @@ def model_build_device(fsdp: FSDPConfig, world_size: int) -> str | None:
 
 def export_final_model(trainer: Trainer, cfg: TrainConfig, out_dir: Path) -> None:
     """Gather the full (unsharded) weights on every rank's CPU, then rank 0 writes the HF directory."""
-    # A collective under FSDP2 (all ranks must call it); a plain state dict on one rank.
+    # A collective under FSDP2 (all ranks must call it); a plain state dict without FSDP.
     state = get_model_state_dict(trainer.state.model.model,
                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_global_rank() == 0:

@@ -1,7 +1,9 @@
 """Autoresume over damaged checkpoints: never a silent start from batch 0; torn checkpoints skipped.
 
 Two reference runs of 8 batches, a checkpoint every 2 (fp32 on CPU, so a resume is bit-exact):
-  full     one process, in this one: `ep0-ba{2,4,6,8}-rank0.pt` files;
+  full     one process, in this one, as older versions ran it (no FSDP; today one process uses a
+           1-rank FSDP2 mesh and writes directories): `ep0-ba{2,4,6,8}-rank0.pt` files, which a
+           one-process resume keeps writing;
   sharded  `composer -n 2` with FSDP2: `ep0-ba{2,4,6,8}/` DCP directories.
 Each case copies a reference folder (shutil.copytree), does the fault for real (delete, truncate,
 remove a file) and relaunches the same command: it must resume from the newest intact checkpoint,
@@ -77,7 +79,9 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def full(work) -> tuple[Path, dict[int, float]]:
     folder = work / "full" / "ckpt"
-    losses = train_here(work, folder)
+    with pytest.MonkeyPatch.context() as older:
+        older.setattr("mamba.training.trainer.build_parallelism", lambda *args: None)
+        losses = train_here(work, folder)
     assert sorted(losses) == list(range(1, 9))
     assert [p.name for p in find_checkpoints(folder)] == [f"ep0-ba{b}-rank0.pt" for b in (8, 6, 4, 2)]
     assert all(manifest_path(p).is_file() for p in find_checkpoints(folder))
@@ -197,7 +201,7 @@ def test_start_over_moves_the_checkpoints_aside_and_keep_n_keeps_complete_ones(w
     [aside] = folder.glob("previous-*")
     assert sorted(p.name for p in aside.iterdir() if not p.name.startswith(".")) == sorted(
         ["latest-rank0.pt", *(f"ep0-ba{b}-rank0.pt" for b in (2, 4, 6, 8))])
-    assert [p.name for p in find_checkpoints(folder)] == ["ep0-ba4-rank0.pt"]  # keep 1: ba2 deleted
+    assert [p.name for p in find_checkpoints(folder)] == ["ep0-ba4"]  # keep 1: ba2 deleted; a new run shards
 
 
 def test_keep_n_never_deletes_the_last_intact_checkpoint(full, tmp_path):

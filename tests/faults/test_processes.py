@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from launching import ENV, REPO, launch, wait_until
+from mamba.runs.checkpoints import check_checkpoint, find_checkpoints
 from mamba.runs.metrics import read_metrics
 from mamba.training.run_lock import LOCK_NAME, STALE_AFTER_S, RunLocked, SaveFolderLock
 
@@ -118,7 +119,8 @@ def test_ranks_die_with_their_launcher_and_one_run_owns_its_folder(tiny_config):
                 rank.kill()
 
     # The relaunch finds the dead run's lock (its pid is gone), takes it over and resumes.
-    last = max(int(name.split("-ba")[1].split("-")[0]) for name in after[0])
+    # The newest intact checkpoint: the kill may have torn one mid-save, which the relaunch skips.
+    last = next(int(c.name.split("-ba")[1].split("-")[0]) for c in find_checkpoints(ckpt) if check_checkpoint(c) is None)
     seen = len(trained(metrics))
     relaunch = launch(tiny_config, "run_name=orphan", f"trainer.max_duration={last + 2}ba")
     out, _ = relaunch.communicate(timeout=300)

@@ -16,6 +16,7 @@ import torch
 from composer import Trainer
 from composer.utils.parallelism import FSDP2Config, ParallelismConfig
 from omegaconf import OmegaConf
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoTokenizer, MambaForCausalLM
 
 from mamba.config.load import load_config, to_dict
@@ -65,7 +66,11 @@ def trained(tmp_path_factory):
     cfg = load_config(None, [*tiny_run(work, "export", save_folder), "model.tie_embeddings=false",
                              "trainer.max_duration=2ba"])
     trainer = train(cfg)
-    model = trainer.state.model.model.eval()
+    # One process trains a 1-rank FSDP2 model (DTensor parameters): its full weights, as a plain model.
+    model = build_model(cfg.model)
+    model.load_state_dict(get_model_state_dict(trainer.state.model.model,
+                                               options=StateDictOptions(full_state_dict=True)))
+    model.eval()
     trainer.close()
     if not (save_folder / "config.yaml").exists():  # what the trainer writes at start, if it does not yet
         OmegaConf.save(OmegaConf.create(to_dict(cfg)), save_folder / "config.yaml")

@@ -13,7 +13,7 @@ on a held-out split every 10 batches:
      the same losses as A up to fp32 reduction order.
   D  HYBRID_SHARD with one replica (the shard group is both ranks), untied embedding and head
      (their own FSDP units), WSD on token durations: trains, and the logged lr follows the schedule.
-and one single-process run without FSDP: the same losses and gradient norms as A (rank 1's shards
+and one single-process run (a 1-rank FSDP2 mesh, no gradient reduction): the same losses and gradient norms as A (rank 1's shards
 got rank 0's initial weights, and FSDP2 averages gradients over ranks, not sums them, whatever the
 backend).
 """
@@ -115,7 +115,7 @@ def whole_run(config: Path) -> None:
 
 def test_fsdp_on_two_ranks_trains_the_same_model_as_one_process(tiny_config):
     whole_run(tiny_config)
-    # 5 batches in one process: no FSDP, no gradient reduction (Composer runs world size 1).
+    # 5 batches in one process: a 1-rank mesh, no gradient reduction (Composer runs world size 1).
     run([sys.executable, "mamba/train.py", str(tiny_config), "run_name=single", "trainer.max_duration=5ba"],
         cwd=REPO, timeout=600)
     first = range(1, 6)

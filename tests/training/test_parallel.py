@@ -57,10 +57,19 @@ def test_mesh_shapes():
     assert mesh_shape(FSDPConfig(sharding_strategy="HYBRID_SHARD", shard_degree=4), 16, 8) == (4, 4)
 
 
-def test_fsdp1_is_refused_on_cpu_and_one_rank_is_unwrapped():
+def test_fsdp1_is_refused_on_cpu_and_one_rank_is_fsdp2_unless_resuming_a_full_file(tmp_path):
     with pytest.raises(ConfigError, match=r"fsdp.version=1 \(FSDP1\) runs on GPUs only"):
         build_parallelism(FSDPConfig(version=1), "cpu", world_size=2)
-    assert build_parallelism(FSDPConfig(), "cpu", world_size=1) is None
+    # One rank is a 1-rank FSDP2 mesh, so it writes the sharded checkpoints any world size loads.
+    assert build_parallelism(FSDPConfig(), "cpu", world_size=1).fsdp2 is not None
+    assert build_parallelism(FSDPConfig(), "cpu", world_size=1, resume_from=tmp_path).fsdp2 is not None
+    assert build_parallelism(FSDPConfig(version=1), "gpu", world_size=1) is None
+    # An older single-process run's full file resumes unwrapped on one process, and only there.
+    full = tmp_path / "ep0-ba8-rank0.pt"
+    full.write_bytes(b"")
+    assert build_parallelism(FSDPConfig(), "cpu", world_size=1, resume_from=full) is None
+    with pytest.raises(ConfigError, match=r"ep0-ba8-rank0.pt is a full one-file checkpoint.*Resume it on one process"):
+        build_parallelism(FSDPConfig(), "cpu", world_size=2, resume_from=full)
 
 
 @pytest.mark.parametrize("mode, gathered", [("DEFAULT", torch.bfloat16), ("FULL", torch.float32)])

@@ -66,9 +66,13 @@ def test_metrics_file_tensorboard_and_wandb_get_the_same_losses(tmp_path, monkey
     loggers = build_loggers(cfg)
     torch.manual_seed(0)
     model = ComposerMambaLM(MambaLMHeadModel(MambaConfig(d_model=32, n_layer=1, vocab_size=256, d_state=8)))
-    Trainer(model=model, train_dataloader=stdlib_batches(BATCHES), max_duration=f"{BATCHES}ba", device="cpu",
-            optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3), loggers=loggers, run_name=cfg.run_name,
-            progress_bar=False, log_to_console=False).fit()
+    trainer = Trainer(model=model, train_dataloader=stdlib_batches(BATCHES), max_duration=f"{BATCHES}ba",
+                      device="cpu", optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3), loggers=loggers,
+                      run_name=cfg.run_name, progress_bar=False, log_to_console=False)
+    trainer.fit()
+    # Closing finishes the W&B run: its offline file is written by W&B's own process and was read
+    # empty once when the test relied on the Trainer being garbage-collected (closing it) in time.
+    trainer.close()
 
     jsonl = series(read_metrics(str(tmp_path / "loggers" / "metrics.jsonl")), LOSS)
     assert sorted(jsonl) == list(range(1, BATCHES + 1))

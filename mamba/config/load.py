@@ -159,9 +159,10 @@ def validate(cfg: TrainConfig) -> None:
     _check_sources(d.eval_sources, "data.eval_sources", allow_empty=True)
     for key in ("fim_rate", "fim_spm_rate"):
         _require(0 <= getattr(d, key) <= 1, f"data.{key}={getattr(d, key)} must be a probability in [0, 1]")
-    for key, value in (("trainer.max_duration", t.max_duration), ("scheduler.t_warmup", s.t_warmup),
-                       ("scheduler.t_max", s.t_max), ("trainer.save_interval", t.save_interval),
-                       ("trainer.eval_interval", t.eval_interval), ("logging.log_interval", cfg.logging.log_interval)):
+    durations = (("trainer.max_duration", t.max_duration), ("scheduler.t_warmup", s.t_warmup),
+                 ("scheduler.t_max", s.t_max), ("trainer.save_interval", t.save_interval),
+                 ("trainer.eval_interval", t.eval_interval), ("logging.log_interval", cfg.logging.log_interval))
+    for key, value in durations:
         _require(
             not value.endswith("ep"),
             f"{key}={value!r}: the training data has no epochs (each source restarts when it runs out, "
@@ -175,9 +176,7 @@ def validate(cfg: TrainConfig) -> None:
     _require(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
     _require(o.grad_clip_norm >= 0, f"optimizer.grad_clip_norm must be >= 0 (0 disables), got {o.grad_clip_norm}")
     _require(0 <= s.alpha_f <= 1, f"scheduler.alpha_f={s.alpha_f} must be in [0, 1]")
-    for key, value in (("scheduler.t_warmup", s.t_warmup), ("scheduler.t_max", s.t_max),
-                       ("trainer.max_duration", t.max_duration), ("trainer.save_interval", t.save_interval),
-                       ("trainer.eval_interval", t.eval_interval), ("logging.log_interval", cfg.logging.log_interval)):
+    for key, value in durations:
         _require(
             bool(_DURATION.match(value)),
             f"{key}={value!r} is not a duration: write e.g. '1000ba', '2e9tok', '1ep' or '1dur'",

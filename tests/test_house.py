@@ -7,6 +7,7 @@ resolved to absolute names. A violation names the file, the line and the rule it
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -147,3 +148,43 @@ def test_allowed_imports_pass(tmp_path, path, source):
     file.parent.mkdir(parents=True, exist_ok=True)
     file.write_text(source)
     assert violations(tmp_path) == []
+
+
+# torch versions: the recipe runs on two stacks (README "Stacks") and asks mamba/capabilities.py
+# what the installed torch can do; nothing else compares, branches on or names a torch version.
+# (setup.py and tools/install.sh pin versions to install; benchmarks print the one they ran on.)
+TORCH_VERSION = re.compile(r"torch\.__version__|version\(\s*['\"]torch['\"]|\btorch[ \t]*[<>=~!]*[ \t]*\d+\.\d+")
+CAPABILITIES = "mamba/capabilities.py"
+
+
+def torch_versions_named(root: Path) -> list[str]:
+    """'file:line: text' for every mention of a torch version outside mamba/capabilities.py."""
+    out = []
+    for path in source_files(root):
+        rel = path.relative_to(root).as_posix()
+        if rel in (CAPABILITIES, "setup.py"):
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if TORCH_VERSION.search(line):
+                out.append(f"{rel}:{number}: {line.strip()}")
+    return out
+
+
+def test_only_the_capabilities_module_knows_torch_versions():
+    found = torch_versions_named(REPO)
+    assert not found, f"torch versions named outside {CAPABILITIES}:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("source", [
+    "if torch.__version__ >= '2.8':\n    pass\n",
+    "from importlib.metadata import version\nv = version('torch')\n",
+    "# gloo cannot average in torch 2.7\n",
+    "NEEDS = 'torch>=2.9'\n",
+])
+def test_a_torch_version_outside_capabilities_is_named(tmp_path, source):
+    file = tmp_path / "mamba" / "training" / "parallel.py"
+    file.parent.mkdir(parents=True)
+    file.write_text("import torch\n" + source)
+    (tmp_path / CAPABILITIES).write_text("# torch 2.7.0 sums where asked to average\n")
+    found = torch_versions_named(tmp_path)
+    assert len(found) == 1 and found[0].startswith("mamba/training/parallel.py:"), found

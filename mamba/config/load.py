@@ -42,16 +42,22 @@ def load_config(source: ConfigSource = None, overrides: Sequence[str] = ()) -> T
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         base, where = OmegaConf.load(path), str(path)
-    parsed = []
+    merged = base
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optimizer.lr=1e-3)")
+        key = item.split("=", 1)[0]
         try:  # one at a time, so that a value YAML cannot parse is named with its key
-            parsed.append(OmegaConf.from_dotlist([item]))
+            parsed = OmegaConf.from_dotlist([item])
         except (OmegaConfBaseException, yaml.YAMLError) as e:
-            raise ConfigError(f"override {item!r}: the value of '{item.split('=', 1)[0]}' does not parse as "
+            raise ConfigError(f"override {item!r}: the value of '{key}' does not parse as "
                               f"YAML ({_first_line(e)}); quote it, e.g. key='\"text\"'") from None
-    merged = OmegaConf.merge(base, *parsed)
+        try:
+            merged = OmegaConf.merge(merged, parsed)
+        except (OmegaConfBaseException, TypeError, ValueError) as e:  # e.g. a mapping onto a list
+            kind = "list" if OmegaConf.is_list(OmegaConf.select(merged, key)) else "mapping"
+            raise ConfigError(f"override {item!r}: '{key}' is a {kind} in {where} and the value is not "
+                              f"({_first_line(e)}); give a {kind}") from None
     try:
         raw = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as e:  # e.g. an ${interpolation} to a key that does not exist

@@ -63,6 +63,13 @@ class Block(nn.Module):
                                                     self.residual_in_fp32)
         else:
             normed, residual = self.add_norm(hidden_states, residual)
+        if residual is hidden_states:
+            # First layer, fp32 input: the stream would leave as the block's own input, which FSDP2
+            # hands the block as a view (its post-backward hook is an autograd Function returning
+            # its inputs). An in-place op on a unit's view output skips the unit's pre-backward
+            # hook, and newer torch warns of it at every such unit; a copy (one (batch, L, d_model)
+            # tensor per forward) makes the residual the block's own.
+            residual = residual.clone()
         return self.mixer(normed, reset=reset), residual
 
     def step(self, hidden_states: torch.Tensor, residual: torch.Tensor | None,

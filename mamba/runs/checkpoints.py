@@ -188,7 +188,7 @@ def _load_sharded(path: Path) -> dict[str, torch.Tensor]:
     """Assemble the full model tensors from every rank's shards.
 
     DCP's load fills preallocated tensors of the global shapes recorded in `.metadata`; with no
-    process group initialised it runs in this process alone (torch 2.7 `dcp.load` no_dist mode).
+    process group initialised it runs in this process alone (`dcp.load` falls back to no_dist).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata

@@ -19,11 +19,12 @@ The familiar FSDP1 sharding names map onto FSDP2 as in torch's FSDP2 design note
                  are reduce-scattered in the group and all-reduced across groups.
   NO_SHARD       2-D mesh (world, 1): every rank holds everything, gradients all-reduced (DDP-like).
 
-Gradient averaging on CPU: FSDP2 averages gradients with ReduceOp.AVG, which the gloo backend of
-torch 2.7 cannot do. Its reduce-scatter silently SUMs instead (gradients world_size times too large,
-which would silently change clipping and the update) and its all-reduce raises ("Cannot use
-ReduceOp.AVG with Gloo"). So on gloo: 1-D meshes only, and `average_gloo_gradients` divides each
-reduce-scattered gradient by the world size in FSDP2's post-reduce hook. NCCL averages natively.
+Gradient averaging on CPU: FSDP2 averages gradients with ReduceOp.AVG, which NCCL honours and gloo,
+the CPU backend, honours only in newer torch (mamba.capabilities.gloo_averaging, tried at run time).
+Where gloo's reduce-scatter silently SUMs (gradients world_size times too large, which would
+silently change clipping and the update), `average_gloo_gradients` divides each reduce-scattered
+gradient by the world size in FSDP2's post-reduce hook; where its all-reduce refuses AVG, gradients
+cannot be averaged across replicas, so CPU runs keep to 1-D meshes (FULL_SHARD, SHARD_GRAD_OP).
 
 Mixed precision (GPU, precision amp_bf16), fsdp.mixed_precision:
   DEFAULT  Composer's `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`
@@ -46,6 +47,7 @@ from composer.utils.parallelism import FSDP2Config, FSDPConfig as ComposerFSDP1C
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 
+from mamba.capabilities import gloo_averaging
 from mamba.config.errors import ConfigError
 from mamba.config.schema import FSDPConfig, TrainConfig
 from mamba.model.block import Block
@@ -130,8 +132,9 @@ def mesh_shape(cfg: FSDPConfig, world_size: int, local_world_size: int) -> tuple
 
 
 def average_gloo_gradients(model: torch.nn.Module) -> None:
-    """On the gloo backend make FSDP2's summed reduce-scatter a mean (module doc); else nothing."""
-    if not dist.is_initialized() or torch.distributed.get_backend() != "gloo":
+    """On a gloo backend that sums where asked to average, make FSDP2's reduce-scatter a mean
+    (module doc); else nothing."""
+    if not dist.is_initialized() or torch.distributed.get_backend() != "gloo" or gloo_averaging().reduce_scatter:
         return
     world_size = dist.get_world_size()
     for module in model.modules():
@@ -170,9 +173,10 @@ def build_parallelism(cfg: FSDPConfig, device: str, world_size: int,
     shape = mesh_shape(cfg, world_size, dist.get_local_world_size())
     if shape is not None and shape[0] == 1:
         shape = None  # one replica: the 2-D mesh is the 1-D FULL_SHARD mesh
-    if shape is not None and device == "cpu":
+    if shape is not None and device == "cpu" and not gloo_averaging().all_reduce:
         raise ConfigError(f"fsdp.sharding_strategy={cfg.sharding_strategy} with {shape[0]} replicas needs GPUs "
-                          "(NCCL): the CPU backend gloo cannot average gradients across replicas in torch 2.7; "
+                          "(NCCL) or a torch whose gloo backend averages (the current stack, README \"Stacks\"): "
+                          "this torch's gloo cannot average gradients across replicas; "
                           "use FULL_SHARD or SHARD_GRAD_OP on CPU")
     mesh = None
     if shape is not None:

@@ -150,6 +150,16 @@ def test_missing_file_and_malformed_override(tmp_path):
         load_config(REPO / "config.yaml", ["optimizer.lr"])
 
 
+@pytest.mark.parametrize("override, pattern", [
+    ("optimizer.betas={a: 1}", r"'optimizer.betas' is a list in .*config.yaml and the value is not .*give a list"),
+    ("data.sources={1: 2}", r"'data.sources' is a list in .*config.yaml"),
+])
+def test_an_override_of_another_container_kind_names_the_key(override, pattern):
+    """omegaconf's merge raises a bare TypeError for a mapping onto a list (found by the fuzz suite)."""
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(REPO / "config.yaml", [override])
+
+
 def literal_fields():
     """(dotted key, allowed values) of every schema field typed with a Literal."""
     for section, cls in typing.get_type_hints(TrainConfig).items():

@@ -1,7 +1,7 @@
 """The real launch line on 2 CPU ranks with FSDP2: loss falls, runs are deterministic, resume is
 bit-identical, FSDP trains the same model as one device, and the other strategies work.
 
-Five `composer -n 2 mamba/train.py` launches (each ~10 s of start-up, so no more), all evaluating
+Six `composer -n 2 mamba/train.py` launches (each ~10 s of start-up, so no more), all evaluating
 on a held-out split every 10 batches:
   A  20 batches uninterrupted; rank 1 builds the model on the meta device and gets rank 0's
      weights when FSDP2 shards it (Composer's sync_module_states, seen in rank 0's log);
@@ -13,6 +13,8 @@ on a held-out split every 10 batches:
      the same losses as A up to fp32 reduction order.
   D  HYBRID_SHARD with one replica (the shard group is both ranks), untied embedding and head
      (their own FSDP units), WSD on token durations: trains, and the logged lr follows the schedule.
+  E  NO_SHARD: two replicas, gradients all-reduced across them (where gloo can average: the same
+     losses and gradient norms as A; elsewhere refused with the reason).
 and one single-process run (a 1-rank FSDP2 mesh, no gradient reduction): the same losses and gradient norms as A (rank 1's shards
 got rank 0's initial weights, and FSDP2 averages gradients over ranks, not sums them, whatever the
 backend).
@@ -163,3 +165,25 @@ def test_hybrid_shard_untied_head_and_token_wsd_schedule(tiny_config):
     trained = losses(tiny_config, "hybrid")
     assert sorted(trained) == list(range(1, 13)) and all(v == v for v in trained.values())
     assert any("ba12" in p.name for p in (tiny_config.parent / "hybrid" / "ckpt").iterdir())
+
+
+def test_two_replicas_average_like_one_process_where_gloo_averages(tiny_config):
+    """NO_SHARD on 2 ranks: a (2 replicas, 1 shard) mesh, gradients all-reduced across replicas.
+    On a CPU that needs gloo's all-reduce to honour ReduceOp.AVG (mamba.capabilities): where it does
+    (the current stack) the run trains the same model as one process; where it does not (the pinned
+    stack) it is refused before training, saying why and what to use."""
+    from mamba.capabilities import gloo_averaging
+
+    args = [str(COMPOSER), "-n", "2", "--master_port", str(free_port()), "mamba/train.py", str(tiny_config),
+            "run_name=replicas", "trainer.max_duration=5ba", "fsdp.sharding_strategy=NO_SHARD"]
+    if not gloo_averaging().all_reduce:
+        proc = subprocess.run(args, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode != 0
+        assert "fsdp.sharding_strategy=NO_SHARD with 2 replicas needs GPUs" in proc.stderr, proc.stderr[-3000:]
+        return
+    run(args, cwd=REPO, timeout=600)
+    whole_run(tiny_config)
+    for key in ("loss/train/total", "train/grad_norm"):
+        two, replicas = logged(tiny_config, "whole", key), logged(tiny_config, "replicas", key)
+        close(replicas, {b: two[b] for b in range(1, 6)}, 1e-5, key)  # fp32 sums in another order

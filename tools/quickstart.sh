@@ -1,26 +1,24 @@
 #!/usr/bin/env bash
 # The README's quickstart: set up, pack CPython's standard library with a BPE trained on it, and
 # train a tiny Mamba on 2 CPU ranks with FSDP2 for a few minutes. Everything lands in runs/quickstart/.
+#   bash tools/quickstart.sh [--torch pinned|current]
 # Re-running reuses the venv and the packed data (pack is skipped when its index.json exists) and
 # autoresume continues from the last checkpoint; delete runs/quickstart/ to start over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=runs/quickstart
 
-if [ ! -x .venv/bin/composer ]; then
-  python3 -m venv .venv
-  .venv/bin/pip install --upgrade pip
-  .venv/bin/pip install -e .
-fi
+# The pinned stack's .venv/ by default; `--torch current` for the current one (README "Stacks").
+venv=$(bash tools/install.sh "$@")
 
-stdlib=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+stdlib=$($venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 if [ ! -f "$out/packed/index.json" ]; then
-  .venv/bin/python tools/pack.py --tokenizer bpe:8192 --on-bad-input skip --exclude site-packages --out "$out/packed" "$stdlib"
+  $venv/bin/python tools/pack.py --tokenizer bpe:8192 --on-bad-input skip --exclude site-packages --out "$out/packed" "$stdlib"
 fi
 
-.venv/bin/python create_mamba_config.py --preset tiny --data "$out/packed" --out "$out/tiny.yaml" \
+$venv/bin/python create_mamba_config.py --preset tiny --data "$out/packed" --out "$out/tiny.yaml" \
   --run-name quickstart "trainer.save_folder=$out/checkpoints" "logging.metrics_file=$out/metrics.jsonl"
 
 # One thread per rank: two ranks on two cores oversubscribe OpenMP otherwise (about 4x slower).
-OMP_NUM_THREADS=1 .venv/bin/composer -n 2 mamba/train.py "$out/tiny.yaml"
+OMP_NUM_THREADS=1 $venv/bin/composer -n 2 mamba/train.py "$out/tiny.yaml"
 echo "checkpoints: $out/checkpoints   metrics: $out/metrics.jsonl"

@@ -14,7 +14,12 @@ rank 1 thus surfaces as rank 0's "Connection closed by peer" traceback, the real
 further down. So a failing rank writes "rank N: <error>" to a small file in a per-launch folder
 (all ranks of one node share it) before it exits, and a rank that fails after it (rank 0, whose
 collective broke when rank 1 left) prints that earlier error first, then its own. On a multi-node
-job each node's rank 0 relays its own node's ranks.
+job the ranks of one node share no temp folder with the others', so once the run holds its save
+folder (storage every node sees: the checkpoints go there) the files go to its `.rank-errors/`
+(`share_rank_errors`), and a node's ranks relay the other nodes' errors too. That needs the shared
+file system to show a new file to the other nodes at once (Lustre, GPFS and local disks do; an
+NFS client caching directory listings may show it late, and the console then shows the
+connection error first, the clear one in the failing node's block).
 """
 from __future__ import annotations
 
@@ -78,9 +83,18 @@ def _orphaned() -> bool:
 
 
 ERRORS_PREFIX = "mamba-rank-errors-"
+SHARED_ERRORS = ".rank-errors"  # in the save folder
+_shared_folder: Path | None = None
 
 
-def _errors_folder() -> Path:
+def share_rank_errors(save_folder: Path) -> None:
+    """From now on record this rank's error in the run's save folder, where every node's ranks look
+    (module doc). Call once the run holds the folder (run_lock.py): before, it may be another run's."""
+    global _shared_folder
+    _shared_folder = save_folder / SHARED_ERRORS
+
+
+def _node_folder() -> Path:
     """One folder per launch on this node: the rendezvous port and the launcher's pid."""
     return Path(tempfile.gettempdir()) / f"{ERRORS_PREFIX}{os.environ['MASTER_PORT']}-{os.getppid()}"
 
@@ -101,12 +115,17 @@ def report_failure(err: BaseException, summary: str) -> str | None:
     rank = launched_rank()
     if rank is None:
         return None
-    folder = _errors_folder()
+    node = _node_folder()
+    folders = [node] if _shared_folder is None else [node, _shared_folder]
+    # Files of earlier launches (an earlier failure of this run, in the shared folder) are older
+    # than this process.
     started = psutil.Process().create_time()
-    try:
-        earlier = [p for p in folder.glob("rank*") if p.name != f"rank{rank}" and p.stat().st_mtime >= started]
-    except OSError:
-        earlier = []
+    earlier = []
+    for folder in folders:
+        try:
+            earlier += [p for p in folder.glob("rank*") if p.name != f"rank{rank}" and p.stat().st_mtime >= started]
+        except OSError:
+            pass
     if earlier:
         first = min(earlier, key=lambda p: p.stat().st_mtime_ns).read_text().strip()
         print(f"{first}\n(rank {rank} fails because of it; its own error follows)", file=sys.stderr, flush=True)
@@ -114,7 +133,8 @@ def report_failure(err: BaseException, summary: str) -> str | None:
         return None
     line = f"rank {rank}: {summary}"
     try:
-        _sweep_finished_launches(folder)
+        _sweep_finished_launches(node)
+        folder = folders[-1]
         folder.mkdir(exist_ok=True)
         write_atomic(folder / f"rank{rank}", lambda f: f.write(line.encode("utf-8")))
     except OSError as write_err:  # the console still gets the line; only the relay is lost

@@ -20,6 +20,7 @@ from mamba.training.callbacks import build_callbacks, build_loggers
 from mamba.training.optim import build_optimizer
 from mamba.training.parallel import (assign_units, average_gloo_gradients, build_parallelism, check_world_size,
                                      resolve_device, resolve_precision)
+from mamba.training.rank_process import share_rank_errors
 from mamba.training.resume import ManifestCheckpointSaver, check_model_shapes, prepare_save_folder
 from mamba.training.run_lock import lock_save_folder
 from mamba.training.schedules import build_scheduler
@@ -39,6 +40,7 @@ def train(cfg: TrainConfig) -> Trainer:
     save_folder = cfg.trainer.save_folder.format(run_name=cfg.run_name)
     # Before anything is written there: one live run per save folder (run_lock.py).
     lock = lock_save_folder(save_folder, cfg.run_name)
+    share_rank_errors(Path(save_folder))  # every node sees the save folder: errors relay across nodes
     # Never a silent start from batch 0 over the run's checkpoints: resume from the newest intact
     # one (torn ones moved aside, loudly), refuse, or start over only if trainer.start_over says so.
     resume_from = prepare_save_folder(save_folder, cfg.trainer.autoresume, cfg.trainer.start_over)

@@ -6,12 +6,16 @@ rank each, the tiny config on packed stdlib text.
      `--signal=B:USR1@120` delivers before the time limit): slurm.sh's trap stops the training
      step and runs `scontrol requeue`; Slurm restarts the job (SLURM_RESTART_COUNT=1), which
      autoresumes from its newest checkpoint and must end with exactly A's final loss;
-  C  the same through tools/submit.py (submitit), preempted with USR2: same final loss as A.
+  C  the same through tools/submit.py (submitit), preempted with USR2: same final loss as A;
+  D  2 ranks per node, a truncated shard in the copy of the data only rank 3 (node 2's second
+     rank) reads: the job log's first error is rank 3's, naming the shard, although node 1's
+     ranks only see their collective break (rank_process.py relays errors across nodes).
 
 Skipped, with the reason, only where Slurm cannot be installed here (not root, or no apt-get).
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,12 +57,13 @@ def cluster(tmp_path_factory) -> Path:
     return work
 
 
-def submit(work: Path, run_name: str, *sbatch_args: str) -> int:
-    """sbatch slurm.sh on 2 CPU nodes with one rank each; returns the job id."""
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+def submit(work: Path, run_name: str, *sbatch_args: str, overrides: tuple[str, ...] = (), ranks_per_node: int = 1) -> int:
+    """sbatch slurm.sh on 2 CPU nodes with `ranks_per_node` ranks each; returns the job id."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               NPROC_PER_NODE=str(ranks_per_node))
     out = sh("sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
              f"--output={work}/{run_name}.out", *sbatch_args, "slurm.sh", str(work / "tiny.yaml"),
-             f"run_name={run_name}", env=env)
+             f"run_name={run_name}", *overrides, env=env)
     return int(out.strip().split(";")[0])
 
 
@@ -148,3 +153,19 @@ def test_submitit_launch_is_preempted_requeued_and_resumes_to_the_same_loss(clus
     rows = [r["batch"] for r in read_metrics(str(cluster / "submitit" / "metrics.jsonl")) if "loss/train/total" in r]
     assert rows == list(range(1, BATCHES + 1)), rows
     assert losses(cluster, "submitit")[BATCHES] == whole[BATCHES]
+
+
+def test_a_data_error_on_the_second_node_is_the_first_error_in_the_job_log(cluster):
+    for rank in range(4):  # the launcher expands $RANK in each rank's arguments
+        shutil.copytree(cluster / "packed", cluster / f"copy{rank}")
+    shard = sorted((cluster / "copy3").glob("*.npy"))[-1]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 100)
+    job = submit(cluster, "torn", overrides=(f"data.sources=[{{path: '{cluster}/copy$RANK'}}]",), ranks_per_node=2)
+    wait_for(lambda: job_state(job) in ("FAILED", "COMPLETED", "CANCELLED", "GONE"), f"job {job} to end")
+    log = (cluster / "torn.out").read_text()
+    assert job_state(job) == "FAILED", log[-4000:]
+    errors = [line for line in log.splitlines() if re.search(r"[A-Za-z]+(Error|Exception)\b", line)]
+    assert errors, log[-4000:]
+    assert errors[0].startswith("rank 3: ValueError: ") and str(shard) in errors[0] and "truncated" in errors[0], \
+        log[-6000:]

@@ -70,9 +70,12 @@ def test_metrics_file_tensorboard_and_wandb_get_the_same_losses(tmp_path, monkey
                       device="cpu", optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3), loggers=loggers,
                       run_name=cfg.run_name, progress_bar=False, log_to_console=False)
     trainer.fit()
-    # Closing finishes the W&B run: its offline file is written by W&B's own process and was read
-    # empty once when the test relied on the Trainer being garbage-collected (closing it) in time.
+    # Closing finishes the W&B run, but its offline file is written by W&B's own service process,
+    # which may still be flushing: read empty once under load even after close(). Tearing the
+    # service down waits until it has written everything and exited.
     trainer.close()
+    import wandb
+    wandb.teardown()
 
     jsonl = series(read_metrics(str(tmp_path / "loggers" / "metrics.jsonl")), LOSS)
     assert sorted(jsonl) == list(range(1, BATCHES + 1))

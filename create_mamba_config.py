@@ -8,10 +8,13 @@ From the preset (or --d-model/--n-layer/--ssm-layer), the hardware (--nodes, --g
 --gpu or --gpu-memory; --gpus-per-node 0 means CPU ranks) and the budget (--tokens or
 --tokens-per-param), mamba/config/planner.py derives the micro batch from its memory model,
 gradient accumulation, max duration, warmup, checkpoint interval and activation checkpointing,
-and prints a summary. The vocabulary comes from the data's manifests when the preset has none.
+and prints a summary. The vocabulary comes from --vocab-size, else the preset, else the data's
+manifests; without --data the config's data.sources is a placeholder to set before training.
 `key=value` overrides are applied last; the recipe is validated in memory by the strict loader
-(mamba/config/load.py) and the file is written (atomically) only when valid. Impossible plans
-exit with why.
+(mamba/config/load.py) and the file is written (atomically) only when valid. The summary is read
+back from that final config, so what is printed is what is written, overrides included; a plan
+over its memory budget or repeating its data more than 100 times is warned about. Impossible
+plans exit with why.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import get_args
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from a checkout, uninstalled
 
+import psutil  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from mamba.config import ConfigError, planner  # noqa: E402
@@ -51,6 +55,8 @@ def read_manifests(sources: list[dict], flag: str) -> tuple[int, int]:
     """(largest vocabulary, total tokens) over the sources' index.json manifests."""
     vocab, tokens = 0, 0
     for s in sources:
+        if not Path(s["path"]).is_dir():
+            raise ConfigError(f"{flag} {s['path']}: no such directory; give a directory written by tools/pack.py")
         try:
             index = read_index(s["path"])
         except (FileNotFoundError, ValueError) as e:  # missing, or packed in another layout version
@@ -60,19 +66,28 @@ def read_manifests(sources: list[dict], flag: str) -> tuple[int, int]:
     return vocab, tokens
 
 
+def overrides_of(overrides: list[str], *keys: str) -> list[str]:
+    """The overrides setting one of `keys` or anything inside them (a section name takes its keys)."""
+    return [o for o in overrides if any(o.split("=", 1)[0] == k or o.startswith(k + ".") for k in keys)]
+
+
 def model_section(args: argparse.Namespace, data_vocab: int) -> dict:
     shape = dict(MODEL_PRESETS[args.preset]) if args.preset else {"vocab_size": None}
-    for key in ("d_model", "n_layer", "ssm_layer"):
+    for key in ("d_model", "n_layer", "ssm_layer", "vocab_size"):
         if getattr(args, key) is not None:
             shape[key] = getattr(args, key)
     if "d_model" not in shape or "n_layer" not in shape:
         raise ConfigError("give --preset, or both --d-model and --n-layer")
-    if shape["vocab_size"] is None:
-        shape["vocab_size"] = data_vocab
-    elif data_vocab > shape["vocab_size"]:
+    if shape["vocab_size"] is not None and data_vocab > shape["vocab_size"]:
         raise ConfigError(
             f"the data uses a {data_vocab}-token vocabulary but the model embeds only {shape['vocab_size']}; "
-            f"pack with the preset's tokenizer or override model.vocab_size={data_vocab}")
+            f"pack with the preset's tokenizer or give --vocab-size {data_vocab}")
+    shape["vocab_size"] = shape["vocab_size"] or data_vocab or None
+    if shape["vocab_size"] is None:
+        if not overrides_of(args.overrides, "model.vocab_size", "model"):
+            raise ConfigError(f"{'--preset ' + args.preset if args.preset else 'a custom model'} takes its vocabulary "
+                              f"from the data: give --data DIR (a tools/pack.py directory) or --vocab-size N")
+        del shape["vocab_size"]  # a model.vocab_size override sets it
     return shape
 
 
@@ -81,72 +96,94 @@ def flops_of(cfg) -> int:
     return flops_per_token(mamba_config(cfg.model), cfg.data.seq_len)
 
 
-def build(args: argparse.Namespace) -> tuple[dict, str]:
-    """The recipe (plain data for the schema) and the printed summary."""
+def hardware(args: argparse.Namespace, cpu: bool) -> tuple[float, float | None, str]:
+    """(memory per rank in GB, bf16 peak TFLOP/s or None, how the summary names a rank)."""
+    if cpu:
+        # CPU ranks share this machine's memory (the nodes of a CPU run are taken to be like it).
+        total = psutil.virtual_memory().total
+        return total / args.procs_per_node / 1e9, None, f"CPU rank ({total / 1e9:.3g} GB here / {args.procs_per_node})"
+    gpu_gb, peak = (planner.GPUS[args.gpu] if args.gpu else (None, None))
+    gpu_gb = args.gpu_memory or gpu_gb
+    if gpu_gb is None:
+        raise ConfigError("GPU nodes need --gpu NAME or --gpu-memory GB (or --gpus-per-node 0 for CPU ranks)")
+    return gpu_gb, args.peak_tflops or peak, args.gpu or f"{gpu_gb:g} GB GPU"
+
+
+def build(args: argparse.Namespace) -> tuple[TrainConfig, str, list[str]]:
+    """The validated config (derived keys, then the overrides), its summary and its warnings."""
     sources = [parse_source(s) for s in args.data]
     evals = [parse_source(s) for s in args.eval_data]
     data_vocab, data_tokens = read_manifests(sources, "--data")
     read_manifests(evals, "--eval-data")
     name = args.preset or "custom"
-    seq_len = args.seq_len or SEQ_LEN.get(name, 2048)
     cpu = args.gpus_per_node == 0
     ranks = args.nodes * (args.procs_per_node if cpu else args.gpus_per_node)
-    gpu_gb, peak = None, args.peak_tflops
-    if not cpu:
-        if args.gpu:
-            gpu_gb, peak = planner.GPUS[args.gpu][0], peak or planner.GPUS[args.gpu][1]
-        gpu_gb = args.gpu_memory or gpu_gb
-        if gpu_gb is None:
-            raise ConfigError("GPU nodes need --gpu NAME or --gpu-memory GB (or --gpus-per-node 0 for CPU ranks)")
-
+    memory_gb, peak, rank_label = hardware(args, cpu)
+    # No --data: data.sources keeps the schema's placeholder, to be set before training.
+    data = {"sources": sources} if sources else {}
     recipe = OmegaConf.merge(
         OmegaConf.create(to_dict(TrainConfig())),  # schema defaults, so sections exist
         TINY_RECIPE if name == "tiny" else {},
         {"run_name": args.run_name or f"mamba-{name}",
          "model": model_section(args, data_vocab),
-         "data": {"sources": sources, "eval_sources": evals, "seq_len": seq_len}},
+         "data": {**data, "eval_sources": evals, "seq_len": args.seq_len or SEQ_LEN.get(name, 2048)},
+         "trainer": {"device": "cpu" if cpu else "gpu", "precision": "fp32" if cpu else "amp_bf16"}},
     )
-    cfg = load_config(recipe)
-    m = cfg.model
-    size = planner.measure_model(m)
-    params = size.params
+    # The plan is derived from the model, the data and the precision as the overrides leave them
+    # (keys that share no rule with the derived ones, so they validate before those exist).
+    base = load_config(recipe, overrides_of(args.overrides, "model", "data", "trainer.precision",
+                                            "fsdp.mixed_precision"))
+    size = planner.measure_model(base.model)
+    mem = planner.memory_model(base, size, "cpu" if cpu else "gpu")
+    seq_len, flops = base.data.seq_len, flops_of(base)
     if args.tokens:
         tokens = int(args.tokens)
     elif args.tokens_per_param or name != "tiny":
-        tokens = int((args.tokens_per_param or TOKENS_PER_PARAM) * params)
+        tokens = int((args.tokens_per_param or TOKENS_PER_PARAM) * size.params)
     else:
         tokens = TINY_TOKENS
     try:
-        pl = planner.plan(size, ranks=ranks, seq_len=seq_len,
+        pl = planner.plan(size, mem, ranks=ranks, seq_len=seq_len,
                           global_batch_tokens=int(args.global_batch_tokens or BATCH_TOKENS.get(name, 2**20)),
-                          tokens=tokens, gpu_gb=gpu_gb, peak_tflops=peak, mfu=args.mfu,
-                          flops_per_token=flops_of(cfg))
+                          tokens=tokens, memory_gb=memory_gb, gpu=not cpu, peak_tflops=peak, mfu=args.mfu,
+                          flops_per_token=flops)
     except planner.PlanError as e:
-        raise ConfigError(f"{name} on {ranks} x {args.gpu or f'{gpu_gb:g} GB GPU'}: {e}") from None
+        raise ConfigError(f"{name} on {ranks} x {rank_label}: {e}") from None
 
     sched = {"name": args.scheduler, "t_warmup": f"{pl.warmup}ba", "t_max": "1dur"}
     if args.scheduler == "wsd":
         sched["t_decay"] = f"{max(1, round(0.2 * pl.steps))}ba"  # the last 20% (Hägele et al. 2024)
     recipe = OmegaConf.merge(recipe, {
         "scheduler": sched,
-        # CPU plans have no memory limit to derive it from: keep the schema's default there.
-        "fsdp": {} if cpu else {"activation_checkpointing": pl.checkpointing},
+        "fsdp": {"activation_checkpointing": pl.checkpointing},
         "trainer": {"global_batch_size": pl.global_batch, "micro_batch_size": pl.micro_batch,
                     "max_duration": f"{pl.steps}ba", "save_interval": f"{pl.save_every}ba",
-                    "eval_interval": f"{pl.save_every}ba",  # used only with --eval-data
-                    "device": "cpu" if cpu else "gpu", "precision": "fp32" if cpu else "amp_bf16"},
+                    "eval_interval": f"{pl.save_every}ba"},  # eval_interval: used only with --eval-data
         "logging": {"peak_flops_per_device": peak * 1e12 if peak else None},
     })
-    text = planner.summary(pl, m, seq_len, data_tokens, "CPU rank" if cpu else (args.gpu or f"{gpu_gb:g} GB GPU"), args.mfu)
-    return OmegaConf.to_container(recipe), text
+    cfg = load_config(recipe, args.overrides)  # the overrides last, over the derived keys too
+    # What is printed is read back from that config: an override shows.
+    shown = planner.describe(cfg, size, mem, ranks=ranks, peak_tflops=peak, mfu=args.mfu, flops_per_token=flops)
+    budget = planner.usable_bytes(memory_gb)
+    lines = [planner.summary(shown, cfg, mem, rank_label=rank_label, budget=budget, data_tokens=data_tokens,
+                             mfu=args.mfu)]
+    if not sources and cfg.data.sources == TrainConfig().data.sources:
+        lines.append(f"data         none given: data.sources is the placeholder {cfg.data.sources[0]['path']}; "
+                     f"set it in the file or at launch: 'data.sources=[{{path: DIR}}]'")
+    if args.overrides:
+        lines.append(f"overrides    {' '.join(args.overrides)} (applied last; the lines above include them)")
+    warnings = planner.warnings(shown, cfg, size, mem, rank_label=rank_label, budget=budget, data_tokens=data_tokens)
+    return cfg, "\n".join(lines), warnings
 
 
-def write(recipe: dict, overrides: list[str], out: Path, header: str) -> None:
-    """Validate recipe + overrides through the schema, then write the full config atomically."""
-    cfg = load_config(recipe, overrides)
+def write(cfg: TrainConfig, out: Path, header: str) -> None:
+    """Write the validated config atomically; a failure names `out` (never the temporary file)."""
     text = f"# {header}\n" + OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, lambda f: f.write(text.encode("utf-8")))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, lambda f: f.write(text.encode("utf-8")))
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write it ({e.strerror})") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -155,8 +192,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--d-model", type=int)
     p.add_argument("--n-layer", type=int)
     p.add_argument("--ssm-layer", help="mamba1 or mamba2 (default: the schema's)")
-    p.add_argument("--data", action="append", required=True, metavar="DIR[:WEIGHT]",
-                   help="packed training data (tools/pack.py --out); repeat to mix, weight default 1")
+    p.add_argument("--vocab-size", type=int, help="tokenizer vocabulary (default: the preset's, else the data's)")
+    p.add_argument("--data", action="append", default=[], metavar="DIR[:WEIGHT]",
+                   help="packed training data (tools/pack.py --out); repeat to mix, weight default 1; "
+                        "without it data.sources is a placeholder to set before training")
     p.add_argument("--eval-data", action="append", default=[], metavar="DIR[:WEIGHT]")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, help="default 8; 0 = CPU ranks (default for tiny)")
@@ -181,12 +220,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.gpus_per_node is None:
         args.gpus_per_node = 0 if args.preset == "tiny" and not (args.gpu or args.gpu_memory) else 8
     try:
+        if args.out.is_dir():
+            raise ConfigError(f"--out {args.out} is a directory; give the YAML file to write, "
+                              f"e.g. {args.out / 'config.yaml'}")
         header = "written by: python create_mamba_config.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        recipe, text = build(args)
-        write(recipe, args.overrides, args.out, header)
+        cfg, text, warnings = build(args)
+        write(cfg, args.out, header)
     except ConfigError as err:
         sys.exit(f"create_mamba_config.py: {err}")
     print(text)
+    for warning in warnings:
+        print(f"create_mamba_config.py: warning: {warning}", file=sys.stderr)
     print(f"wrote {args.out}")
 
 

@@ -2,14 +2,16 @@
 
 omegaconf reads the YAML and the dot-list overrides (so `optimizer.lr=1e-3` and `${...}`
 interpolation work); we then build the dataclasses ourselves so that every error names the key,
-its section, and what to do — an unknown key lists the closest known ones, a key typed with a
-Literal in schema.py lists its allowed values. The rules that need the world size or the device
-are checked at training time (mamba/training/parallel.py).
+its section, and what to do — an unknown key lists the closest known ones (naming the command
+line when an override brought it), a key typed with a Literal in schema.py lists its allowed
+values. The rules that need the world size or the device are checked at training time
+(mamba/training/parallel.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from pathlib import Path
@@ -30,6 +32,7 @@ _DURATION = re.compile(r"^\d+(\.\d+)?(e\d+)?(ba|tok|ep|sp|dur)$")
 # What load_config reads: a YAML file, the same data already in memory, or None (the defaults).
 ConfigSource = Union[str, Path, dict, DictConfig, None]
 IN_MEMORY = "config"  # how errors name data that came from no file
+COMMAND_LINE = "command line"  # how errors name the overrides (every caller takes them from there)
 
 
 def load_config(source: ConfigSource = None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -52,6 +55,9 @@ def load_config(source: ConfigSource = None, overrides: Sequence[str] = ()) -> T
         except (OmegaConfBaseException, yaml.YAMLError) as e:
             raise ConfigError(f"override {item!r}: the value of '{key}' does not parse as "
                               f"YAML ({_first_line(e)}); quote it, e.g. key='\"text\"'") from None
+        # Its keys are checked on their own, before the merge carries them into the file's
+        # sections, where an unknown one would be reported as the file's.
+        _check_keys(TrainConfig, OmegaConf.to_container(parsed), f"{COMMAND_LINE} (override {item!r})")
         try:
             merged = OmegaConf.merge(merged, parsed)
         except (OmegaConfBaseException, TypeError, ValueError) as e:  # e.g. a mapping onto a list
@@ -81,19 +87,48 @@ def build_dataclass(cls, raw: dict, where: str, section: str = ""):
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: section '{section or 'top level'}' must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls, include_extras=True)  # extras: keep Annotated's choice text
+    _check_keys(cls, raw, where, section)
+    kwargs = {key: _convert(hints[key], value, where, f"{section}.{key}" if section else key)
+              for key, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _check_keys(cls, raw, where: str, section: str = "") -> None:
+    """Every key of `raw` (and of its sections, recursively) must be a field of dataclass `cls`;
+    an unknown one is named with the closest keys of the whole schema."""
+    if not isinstance(raw, dict):
+        return  # a section given as a scalar: build_dataclass names it
+    hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
     for key, value in raw.items():
         dotted = f"{section}.{key}" if section else key
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+            close = _closest(dotted)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            raise ConfigError(
-                f"{where}: unknown key '{dotted}' in section '{section or 'top level'}'{hint} "
-                f"Known keys there: {', '.join(known)}"
-            )
-        kwargs[key] = _convert(hints[key], value, where, dotted)
-    return cls(**kwargs)
+            raise ConfigError(f"{where}: unknown key '{dotted}' in section '{section or 'top level'}'{hint} "
+                              f"Known keys there: {', '.join(known)}")
+        if dataclasses.is_dataclass(hints[key]):
+            _check_keys(hints[key], value, where, dotted)
+
+
+def _schema_keys(cls=TrainConfig, section: str = "") -> list[str]:
+    """Every dotted key of the schema, sections too ("optimizer", "optimizer.lr", ...)."""
+    keys = []
+    for name, hint in typing.get_type_hints(cls).items():
+        dotted = f"{section}.{name}" if section else name
+        keys += [dotted, *(_schema_keys(hint, dotted) if dataclasses.is_dataclass(hint) else [])]
+    return keys
+
+
+def _closest(dotted: str) -> list[str]:
+    """Up to three schema keys like `dotted`: the same name in another section first (trainer.lr
+    -> optimizer.lr), then by spelling over the whole dotted name, so that a section's name
+    counts too (optimizer.learning_rate -> optimizer.lr)."""
+    keys = _schema_keys()
+    leaf = dotted.rsplit(".", 1)[-1]
+    same_name = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    spelled = difflib.get_close_matches(dotted, keys, n=3, cutoff=0.5)
+    return list(dict.fromkeys(same_name + spelled))[:3]
 
 
 def _convert(hint, value, where: str, dotted: str, choices: str | None = None):
@@ -187,6 +222,9 @@ def validate(cfg: TrainConfig) -> None:
             bool(_DURATION.match(value)),
             f"{key}={value!r} is not a duration: write e.g. '1000ba', '2e9tok', '1ep' or '1dur'",
         )
+    _require(not t.max_duration.endswith("dur"),
+             f"trainer.max_duration={t.max_duration!r}: 'dur' is a share of max_duration itself; "
+             f"give it in batches, tokens or samples, e.g. '1000ba'")
     _validate_fsdp(cfg)
     _validate_schedule(cfg)
     _require(
@@ -218,6 +256,16 @@ def _split(duration: str) -> tuple[float, str]:
     """'2e9tok' -> (2e9, 'tok'); only called on strings that matched _DURATION."""
     number, unit = re.match(r"^(\d+(?:\.\d+)?(?:e\d+)?)([a-z]+)$", duration).groups()
     return float(number), unit
+
+
+def duration_in_batches(duration: str, cfg: TrainConfig) -> int:
+    """A duration of the validated `cfg` as optimizer steps: samples and tokens through the global
+    batch (rounded up: the step that reaches them), "Xdur" as that share of max_duration."""
+    value, unit = _split(duration)
+    if unit == "dur":
+        return math.ceil(value * duration_in_batches(cfg.trainer.max_duration, cfg))
+    windows = cfg.trainer.global_batch_size
+    return math.ceil(value / {"ba": 1, "sp": windows, "tok": windows * cfg.data.seq_len}[unit])
 
 
 def _unit(duration: str, max_duration: str) -> str:

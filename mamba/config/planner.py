@@ -1,49 +1,75 @@
-"""From "N nodes of M GPUs and T tokens" to batch sizes, durations and a summary.
+"""From "N nodes of M GPUs (or CPU ranks) and T tokens" to batch sizes, durations and a summary.
 
 Every size below is read off the model itself, built on the meta device (shapes, no memory):
 `measure_model` counts its parameters and its largest FSDP unit and reads the mixer's widths, so
 the planner keeps no parameter formulas (and no dt_rank rule) of its own.
 
-Memory model, bytes per GPU (P = parameters, S = ranks the parameters are sharded over, B = micro
+Memory model, bytes per rank (P = parameters, S = ranks the parameters are sharded over, B = micro
 batch in windows, L = seq_len, l = n_layer, d = d_model, E = d_inner, V = padded vocab,
 W = the per-token width of the scan's inputs dt, B and C: Mamba-1's x_proj output R + 2N with
-R = dt_rank and N = d_state; Mamba-2's in_proj outputs beyond x and z, H + 2GN):
+R = dt_rank and N = d_state; Mamba-2's in_proj outputs beyond x and z, H + 2GN; c = bytes of the
+compute dtype: 2 under amp_bf16, 4 in fp32; g = bytes of a gathered parameter: 2 with bf16
+all-gathers (amp_bf16 and fsdp.mixed_precision=DEFAULT), else 4):
 
     states       16 P / S     fp32 parameters (they are AdamW's master weights: Composer's
                               amp_bf16 autocasts, it does not keep a second copy) 4 P, fp32 grads
                               4 P, AdamW's two fp32 moments 8 P; all sharded by FSDP
                               (Rajbhandari et al. 2020, ZeRO, Sec. 3: "16 Psi" for mixed-precision Adam)
-    gathered     8 P_unit     the largest FSDP unit (a block, or the embedding/head) unsharded
-                              while it computes: its bf16 copy for this and the prefetched unit
-                              (2 x 2 bytes) plus its unsharded fp32 grads before reduce-scatter (4);
-                              the plan assumes fsdp.mixed_precision=DEFAULT (FULL gathers fp32: 12)
+    gathered     (2g + 4) P_u the largest FSDP unit (a block, or the embedding/head) unsharded
+                              while it computes: its gathered copy for this and the prefetched unit
+                              plus its unsharded fp32 grads before reduce-scatter
     activations  B L a        a = bytes kept per token for backward, below
-    logits       6 B L V      bf16 logits plus the fp32 cross-entropy gradient (the loss is not
-                              chunked over the vocabulary)
-    reserve      2 GiB + 10%  CUDA context, NCCL buffers and allocator fragmentation; the plan
-                              uses at most 90% of the GPU after the fixed 2 GiB
+    loss         B L ((4 + c) d + 13) + (8 + c) K V + 4 V d
+                              the chunked cross-entropy (model/loss.py, K = its chunk of
+                              min(loss_chunk_size, B L) rows): per token the final norm's fp32
+                              input, the normed hidden state, the fp32 logsumexp, the int64 label
+                              and the bool mask; in backward one chunk's fp32 logits, its fp32
+                              softmax gradient and that gradient in the compute dtype, and the
+                              head's fp32 gradient
+    reserve      2 GiB + 10%  CUDA context, NCCL buffers and allocator fragmentation (on a CPU
+                              rank: the process itself); the plan uses at most 90% of the memory
+                              after the fixed 2 GiB
 
-Activations kept per token per Mamba-1 block (bf16 = 2 bytes unless said), assuming the fused
-mamba-ssm kernels, which recompute the (E, N) scan states in backward instead of storing them
-(Gu & Dao 2023, Sec. 3.3.2):
+`block` = bytes one block keeps per token for its backward, on the path the run will take:
 
-    block_act = 4d (fp32 residual) + 2d (normed input) + 2*2E (in_proj: x, z) + 2E (conv out)
-                + 2E (silu) + 2W (x_proj: dt, B, C) + 4E (dt, fp32) + 2E (scan out y) + 2E (gated)
+  mamba-ssm's fused kernels (counted, amp_bf16), which recompute the (E, N) scan states in
+  backward instead of storing them (Gu & Dao 2023, Sec. 3.3.2):
 
-Without activation checkpointing a = l * block_act. With it, each block keeps only its input
-(4d + 2d) and one block at a time is recomputed: a = l * 6d + block_act. Mamba-2 blocks are
-counted with the same terms (their (H, N) chunk states are likewise recomputed).
+    block = 4d (fp32 residual) + 2d (normed input) + 2*2E (in_proj: x, z) + 2E (conv out)
+            + 2E (silu) + 2W (x_proj: dt, B, C) + 4E (dt, fp32) + 2E (scan out y) + 2E (gated)
+
+    Mamba-2 blocks are counted with the same terms (their (H, N) chunk states are likewise
+    recomputed).
+
+  the pure-PyTorch ops (measured): CPU ranks, model.kernels=torch, or mamba-ssm not importable
+  where the plan is made. They keep much more (Mamba-1's scan stores every state h_t, E x N fp32
+  per token, ops/selective_scan.py; Mamba-2's chunked SSD its (Q x Q) blocks per head,
+  ops/ssd.py), so this count is not written out by hand: one block of the run's shape runs its
+  forward on fake tensors (torch's FakeTensorMode: shapes and dtypes, no memory, no arithmetic)
+  under the run's precision, and the tensors autograd saves are added up, once per storage.
+
+Without activation checkpointing a = l * block. With it (every k-th block, k =
+fsdp.activation_checkpointing_every), a checkpointed block keeps only its input ((4 + c) d: the
+fp32 residual and the hidden state) and one block at a time is recomputed:
+a = ceil(l / k) (4 + c) d + (l - ceil(l / k)) block + block.
 
 This module imports mamba.model (to build the model), so mamba/config/__init__.py does not import
 it: mamba.model imports mamba.config.schema.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from mamba.config.errors import ConfigError
+from mamba.config.load import duration_in_batches
 from mamba.device_peaks import gpu_peak_flops
 from mamba.model.factory import build_model
+from mamba.model.ops.kernels import cuda_kernels_available
 
 GIB = 1024**3
 
@@ -74,11 +100,13 @@ class ModelSize:
     d_inner: int         # E
     scan_inputs: int     # W: per-token width of dt, B and C
     padded_vocab: int    # V
+    loss_chunk: int      # rows per chunk of the chunked cross-entropy
 
 
 def measure_model(model_cfg) -> ModelSize:
-    """Build the model of `model_cfg` (the `model:` section) on the meta device and read its sizes."""
-    model = build_model(model_cfg, device="meta")
+    """Build the model of `model_cfg` (the `model:` section) on the meta device and read its sizes
+    (built with the torch ops: the shapes are the same, and kernels=cuda would need mamba-ssm here)."""
+    model = build_model(dataclasses.replace(model_cfg, kernels="torch"), device="meta")
     block = model.backbone.layers[0]
     mixer = block.mixer
     if model_cfg.ssm_layer == "mamba1":  # x_proj(x) = [dt (R), B (N), C (N)]
@@ -90,37 +118,118 @@ def measure_model(model_cfg) -> ModelSize:
         params=model.num_parameters(),
         largest_unit=max(sum(p.numel() for p in block.parameters()), embedding.numel()),
         n_layer=len(model.backbone.layers), d_model=embedding.shape[1], d_inner=mixer.d_inner,
-        scan_inputs=scan_inputs, padded_vocab=embedding.shape[0],
+        scan_inputs=scan_inputs, padded_vocab=embedding.shape[0], loss_chunk=model.lm_head.loss_chunk_size,
     )
 
 
 def block_activation_bytes(size: ModelSize) -> int:
-    """Bytes kept per token by one block for its backward (module docstring)."""
+    """Bytes kept per token by one block for its backward on the fused kernels (module docstring)."""
     d, e = size.d_model, size.d_inner
     return 4 * d + 2 * d + 2 * 2 * e + 2 * e + 2 * e + 2 * size.scan_inputs + 4 * e + 2 * e + 2 * e
 
 
-def activation_bytes_per_token(size: ModelSize, checkpointing: bool) -> int:
-    block = block_activation_bytes(size)
-    if checkpointing:
-        return size.n_layer * 6 * size.d_model + block
-    return size.n_layer * block
+def torch_block_bytes(model_cfg, seq_len: int, amp: bool, gathered: int) -> int:
+    """Bytes one block keeps per token for its backward on the pure-PyTorch ops, measured on fake
+    tensors (module docstring). Windows of 1 and 2 sequences: the difference is one window's
+    worth, so what does not grow with the tokens (weights cast by autocast) cancels."""
+    one_layer = dataclasses.replace(model_cfg, n_layer=1, init_from=None, kernels="torch")
+    default = torch.get_default_dtype()
+    # Parameters as FSDP hands them to the block, created so: newer torch cannot .to() a module
+    # of fake tensors (it swaps the tensors, which fake ones refuse).
+    torch.set_default_dtype(torch.bfloat16 if gathered == 2 else torch.float32)
+    try:
+        with FakeTensorMode():
+            block = build_model(one_layer, device="cpu").backbone.layers[0]
+            one, two = (_saved_bytes(block, batch, seq_len, amp) for batch in (1, 2))
+    finally:
+        torch.set_default_dtype(default)
+    return (two - one) // seq_len
 
 
-def fixed_bytes(size: ModelSize, shard_ranks: int) -> int:
-    """Everything but the activations and logits: sharded states + one gathered unit."""
-    return 16 * size.params // shard_ranks + 8 * size.largest_unit
+def _saved_bytes(block, batch: int, seq_len: int, amp: bool) -> int:
+    """Bytes of the storages autograd saves in one forward of `block` (a block past the first:
+    an fp32 residual stream comes in beside the previous block's output)."""
+    params = {p.untyped_storage()._cdata for p in block.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()  # views of one buffer (x and z of in_proj) count once
+        if storage._cdata not in params:
+            saved[storage._cdata] = storage.nbytes()
+        return tensor
+
+    hidden = torch.empty(batch, seq_len, block.d_model, dtype=torch.bfloat16 if amp else torch.float32,
+                         requires_grad=True)
+    residual = torch.empty(batch, seq_len, block.d_model, requires_grad=True)
+    reset = torch.zeros(batch, seq_len, dtype=torch.bool)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):  # CPU's autocast: fake tensors are CPU ones
+        block(hidden, residual, reset=reset)
+    return sum(saved.values())
 
 
-def memory_bytes(size: ModelSize, micro_batch: int, seq_len: int, shard_ranks: int, checkpointing: bool) -> int:
+@dataclass(frozen=True)
+class MemoryModel:
+    """The per-run terms of the memory model (module docstring's letters)."""
+
+    block: int           # bytes one block keeps per token for its backward
+    compute: int         # c
+    gathered: int        # g
+    path: str            # which count `block` is and why: printed with the plan
+
+
+def kernel_path(kernels: str, device: str) -> tuple[bool, str]:
+    """(whether the run will take mamba-ssm's fused kernels, why), as ops/kernels.py decides it."""
+    if device == "cpu":
+        return False, "CPU ranks"
+    if kernels != "auto":
+        return kernels == "cuda", f"model.kernels={kernels}"
+    if cuda_kernels_available()[0]:
+        return True, "model.kernels=auto and mamba-ssm imports here"
+    return False, ("model.kernels=auto and mamba-ssm does not import here; for the fused kernels' "
+                   "smaller count plan where it does, or override model.kernels=cuda")
+
+
+def memory_model(cfg, size: ModelSize, device: str) -> MemoryModel:
+    """The terms for the validated config `cfg` run on `device` ("cpu" or "gpu")."""
+    precision = cfg.trainer.precision
+    amp = precision == "amp_bf16" or (precision == "auto" and device == "gpu")
+    gathered = 2 if amp and cfg.fsdp.mixed_precision == "DEFAULT" else 4
+    fused, why = kernel_path(cfg.model.kernels, device)
+    if fused:
+        block, path = block_activation_bytes(size), f"mamba-ssm's fused kernels, counted ({why})"
+    else:
+        block = torch_block_bytes(cfg.model, cfg.data.seq_len, amp, gathered)
+        path = f"the pure-PyTorch ops, measured ({why})"
+    return MemoryModel(block=block, compute=2 if amp else 4, gathered=gathered, path=path)
+
+
+def activation_bytes_per_token(size: ModelSize, mem: MemoryModel, checkpointing: bool, every: int = 1) -> int:
+    if not checkpointing:
+        return size.n_layer * mem.block
+    kept = math.ceil(size.n_layer / every)  # blocks 0, k, 2k, ... keep only their input
+    return kept * (4 + mem.compute) * size.d_model + (size.n_layer - kept) * mem.block + mem.block
+
+
+def fixed_bytes(size: ModelSize, mem: MemoryModel, shard_ranks: int) -> int:
+    """Sharded states + one gathered unit + what the loss holds whatever the batch."""
+    return (16 * size.params // shard_ranks + (2 * mem.gathered + 4) * size.largest_unit
+            + 4 * size.padded_vocab * size.d_model)
+
+
+def memory_bytes(size: ModelSize, mem: MemoryModel, micro_batch: int, seq_len: int, shard_ranks: int,
+                 checkpointing: bool, every: int = 1) -> int:
     tokens = micro_batch * seq_len
-    return (fixed_bytes(size, shard_ranks) + tokens * activation_bytes_per_token(size, checkpointing)
-            + 6 * tokens * size.padded_vocab)
+    loss = tokens * ((4 + mem.compute) * size.d_model + 13) \
+        + (8 + mem.compute) * min(size.loss_chunk, tokens) * size.padded_vocab
+    return (fixed_bytes(size, mem, shard_ranks) + tokens * activation_bytes_per_token(size, mem, checkpointing, every)
+            + loss)
 
 
-def usable_bytes(gpu_gb: float) -> int:
-    """The share of a GPU the plan may fill: 90% of what is left after 2 GiB (docstring)."""
-    return int(0.9 * (gpu_gb * 1e9 - 2 * GIB))
+def usable_bytes(memory_gb: float) -> int:
+    """The share of a GPU (or a CPU rank's share of the host) the plan may fill: 90% of what is
+    left after 2 GiB (docstring)."""
+    return int(0.9 * (memory_gb * 1e9 - 2 * GIB))
 
 
 @dataclass
@@ -138,46 +247,49 @@ class Plan:
     params: int
     flops_per_token: int
     hours: float | None        # estimated wall time at the assumed MFU (None: unknown peak)
+    checkpointing_every: int = 1  # fsdp.activation_checkpointing_every (the planner's own plans: 1)
 
 
-def micro_batch_fitting(size: ModelSize, seq_len: int, per_rank: int, shard_ranks: int, budget: int,
-                        checkpointing: bool) -> int:
+def micro_batch_fitting(size: ModelSize, mem: MemoryModel, seq_len: int, per_rank: int, shard_ranks: int,
+                        budget: int, checkpointing: bool, every: int = 1) -> int:
     """Largest divisor of the per-rank batch whose memory estimate fits in `budget` (0: none)."""
-    fits = [b for b in range(1, per_rank + 1)
-            if per_rank % b == 0 and memory_bytes(size, b, seq_len, shard_ranks, checkpointing) <= budget]
+    fits = [b for b in range(1, per_rank + 1) if per_rank % b == 0
+            and memory_bytes(size, mem, b, seq_len, shard_ranks, checkpointing, every) <= budget]
     return max(fits, default=0)
 
 
-def plan(size: ModelSize, *, ranks: int, seq_len: int, global_batch_tokens: int, tokens: int,
-         gpu_gb: float | None, peak_tflops: float | None, mfu: float, flops_per_token: int,
+def wall_hours(flops_per_token: int, tokens: int, ranks: int, peak_tflops: float | None, mfu: float) -> float | None:
+    return flops_per_token * tokens / (ranks * peak_tflops * 1e12 * mfu) / 3600 if peak_tflops else None
+
+
+def plan(size: ModelSize, mem: MemoryModel, *, ranks: int, seq_len: int, global_batch_tokens: int, tokens: int,
+         memory_gb: float, gpu: bool, peak_tflops: float | None, mfu: float, flops_per_token: int,
          minutes_between_saves: float = 30.0) -> Plan:
-    """Derive the batch layout and durations for the model `size` (measure_model); `gpu_gb=None`
-    means CPU ranks (no memory limit)."""
+    """Derive the batch layout and durations for the model `size` (measure_model) on ranks of
+    `memory_gb` each: GPUs, or CPU ranks (`gpu=False`) with their share of the host's memory."""
     global_batch = max(1, round(global_batch_tokens / seq_len / ranks)) * ranks
     per_rank = global_batch // ranks
     p = size.params
-    if gpu_gb is None:
-        micro, checkpointing = per_rank, False
-    else:
-        budget = usable_bytes(gpu_gb)
-        # Recomputation costs about a third more compute (one more forward); worth it only when
-        # without it fewer than 4 windows (or not the whole per-rank batch) fit at once.
-        micro = micro_batch_fitting(size, seq_len, per_rank, ranks, budget, checkpointing=False)
-        checkpointing = micro < min(4, per_rank)
-        if checkpointing:
-            micro = micro_batch_fitting(size, seq_len, per_rank, ranks, budget, checkpointing=True)
-        if micro == 0:
-            need = memory_bytes(size, 1, seq_len, ranks, checkpointing=True)
-            raise PlanError(
-                f"does not fit: {p / 1e9:.2f}B parameters at seq_len={seq_len} need about {need / 1e9:.1f} GB "
-                f"per GPU even with one window per micro batch and activation checkpointing "
-                f"({fixed_bytes(size, ranks) / 1e9:.1f} GB of sharded weights, grads and AdamW states over "
-                f"{ranks} GPUs), but a {gpu_gb:g} GB GPU leaves {budget / 1e9:.1f} GB usable; use more or larger "
-                f"GPUs, a shorter --seq-len, or a smaller model")
+    budget = usable_bytes(memory_gb)
+    micro = micro_batch_fitting(size, mem, seq_len, per_rank, ranks, budget, checkpointing=False)
+    # Recomputation costs a third more compute on a GPU (one more forward), and 37% of the
+    # throughput of 2 CPU ranks (benchmarks/train_cpu.py, README's table): on a GPU worth it only
+    # when without it fewer than 4 windows (or not the whole per-rank batch) fit at once; on CPU
+    # ranks only when none fits.
+    checkpointing = micro < min(4, per_rank) if gpu else micro == 0
+    if checkpointing:
+        micro = micro_batch_fitting(size, mem, seq_len, per_rank, ranks, budget, checkpointing=True)
+    if micro == 0:
+        need = memory_bytes(size, mem, 1, seq_len, ranks, checkpointing=True)
+        rank = "GPU" if gpu else "CPU rank"
+        raise PlanError(
+            f"does not fit: {p / 1e9:.2f}B parameters at seq_len={seq_len} need about {need / 1e9:.1f} GB "
+            f"per {rank} even with one window per micro batch and activation checkpointing "
+            f"({fixed_bytes(size, mem, ranks) / 1e9:.1f} GB of sharded weights, grads and AdamW states over "
+            f"{ranks} ranks; activations on {mem.path}), but {memory_gb:g} GB leaves {budget / 1e9:.1f} GB "
+            f"usable; use more or larger {'GPUs' if gpu else 'machines'}, a shorter --seq-len, or a smaller model")
     steps = max(1, math.ceil(tokens / (global_batch * seq_len)))
-    hours = None
-    if peak_tflops:
-        hours = flops_per_token * steps * global_batch * seq_len / (ranks * peak_tflops * 1e12 * mfu) / 3600
+    hours = wall_hours(flops_per_token, steps * global_batch * seq_len, ranks, peak_tflops, mfu)
     # Checkpoint about every `minutes_between_saves` of estimated wall time (at most what a
     # preemption loses), at least every 1000 steps when the speed is unknown (CPU).
     steps_per_save = steps * minutes_between_saves / 60 / hours if hours else 1000
@@ -186,22 +298,61 @@ def plan(size: ModelSize, *, ranks: int, seq_len: int, global_batch_tokens: int,
         ranks=ranks, global_batch=global_batch, micro_batch=micro, grad_accum=per_rank // micro,
         checkpointing=checkpointing, steps=steps, warmup=min(2000, max(1, math.ceil(0.02 * steps))),
         save_every=save_every, tokens=steps * global_batch * seq_len,
-        memory_per_gpu=memory_bytes(size, micro, seq_len, ranks, checkpointing),
+        memory_per_gpu=memory_bytes(size, mem, micro, seq_len, ranks, checkpointing),
         params=p, flops_per_token=flops_per_token, hours=hours,
     )
 
 
-def summary(pl: Plan, model, seq_len: int, data_tokens: int | None, gpu: str, mfu: float) -> str:
-    """The human-readable plan printed by create_mamba_config.py."""
+def describe(cfg, size: ModelSize, mem: MemoryModel, *, ranks: int, peak_tflops: float | None, mfu: float,
+             flops_per_token: int) -> Plan:
+    """The plan a validated config (overrides and all) actually holds, read back from it."""
+    t, f = cfg.trainer, cfg.fsdp
+    if t.global_batch_size % (t.micro_batch_size * ranks):  # the rule training checks (training/parallel.py)
+        raise ConfigError(f"trainer.global_batch_size={t.global_batch_size} must be a multiple of "
+                          f"trainer.micro_batch_size={t.micro_batch_size} x {ranks} ranks "
+                          f"= {t.micro_batch_size * ranks}; change global_batch_size or micro_batch_size")
+    steps = duration_in_batches(t.max_duration, cfg)
+    tokens = steps * t.global_batch_size * cfg.data.seq_len
+    return Plan(
+        ranks=ranks, global_batch=t.global_batch_size, micro_batch=t.micro_batch_size,
+        grad_accum=t.global_batch_size // (t.micro_batch_size * ranks), checkpointing=f.activation_checkpointing,
+        checkpointing_every=f.activation_checkpointing_every, steps=steps,
+        warmup=duration_in_batches(cfg.scheduler.t_warmup, cfg), save_every=duration_in_batches(t.save_interval, cfg),
+        tokens=tokens, params=size.params, flops_per_token=flops_per_token,
+        memory_per_gpu=memory_bytes(size, mem, t.micro_batch_size, cfg.data.seq_len, ranks,
+                                    f.activation_checkpointing, f.activation_checkpointing_every),
+        hours=wall_hours(flops_per_token, tokens, ranks, peak_tflops, mfu),
+    )
+
+
+# More epochs than this over the training data is worth a warning: repeated tokens soon stop
+# adding anything (Muennighoff et al. 2023, "Scaling Data-Constrained Language Models": their
+# value decays to almost nothing after ~16 repetitions), so such a budget is usually a mistake.
+MAX_EPOCHS = 100
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.3g} GB"
+
+
+def summary(pl: Plan, cfg, mem: MemoryModel, *, rank_label: str, budget: int, data_tokens: int | None,
+            mfu: float) -> str:
+    """The human-readable plan printed by create_mamba_config.py, `pl` read back from the written
+    config (describe)."""
+    m, seq_len = cfg.model, cfg.data.seq_len
+    checkpointing = "off" if not pl.checkpointing else (
+        "on" if pl.checkpointing_every == 1 else f"on every {pl.checkpointing_every} blocks")
     lines = [
-        f"model        {model.ssm_layer} d_model={model.d_model} n_layer={model.n_layer} "
-        f"vocab={model.vocab_size}: {pl.params:,} parameters ({pl.params / 1e6:.1f}M)",
+        f"model        {m.ssm_layer} d_model={m.d_model} n_layer={m.n_layer} "
+        f"vocab={m.vocab_size}: {pl.params:,} parameters ({pl.params / 1e6:.1f}M)",
         f"compute      {pl.flops_per_token / 1e9:.3g} GFLOPs per token (forward + backward)",
         f"batch        {pl.global_batch} windows x {seq_len} tokens = {pl.global_batch * seq_len:,} tokens per step; "
         f"{pl.ranks} ranks x micro batch {pl.micro_batch} x {pl.grad_accum} accumulation",
-        f"memory       {pl.memory_per_gpu / 1e9:.1f} GB per {gpu} (estimate; activation checkpointing "
-        f"{'on' if pl.checkpointing else 'off'})",
-        f"duration     {pl.steps:,} steps = {pl.tokens / 1e9:.3f}B tokens ({pl.tokens / pl.params:.1f} per parameter); "
+        f"memory       {gb(pl.memory_per_gpu)} of {gb(budget)} usable per {rank_label}; activation "
+        f"checkpointing {checkpointing}",
+        f"activations  estimated for {mem.path}",
+        f"device       {cfg.trainer.device}, precision {cfg.trainer.precision}",
+        f"duration     {pl.steps:,} steps = {pl.tokens:,} tokens ({pl.tokens / pl.params:.1f} per parameter); "
         f"warmup {pl.warmup} steps, checkpoint every {pl.save_every} steps",
     ]
     if pl.hours is not None:
@@ -209,3 +360,24 @@ def summary(pl: Plan, model, seq_len: int, data_tokens: int | None, gpu: str, mf
     if data_tokens:
         lines.append(f"data         {data_tokens:,} tokens: {pl.tokens / data_tokens:.2f} epochs")
     return "\n".join(lines)
+
+
+def warnings(pl: Plan, cfg, size: ModelSize, mem: MemoryModel, *, rank_label: str, budget: int,
+             data_tokens: int | None) -> list[str]:
+    """What in the written plan is likely a mistake, with the numbers and the fix."""
+    found = []
+    if pl.memory_per_gpu > budget:
+        per_rank = pl.global_batch // pl.ranks
+        fits = micro_batch_fitting(size, mem, cfg.data.seq_len, per_rank, pl.ranks, budget,
+                                   pl.checkpointing, pl.checkpointing_every)
+        fix = (f"trainer.micro_batch_size={fits} fits" if fits else
+               "nothing fits without activation checkpointing: fsdp.activation_checkpointing=true" if not pl.checkpointing
+               else "no micro batch fits: a shorter seq_len, more ranks or a smaller model")
+        found.append(f"the memory estimate, {gb(pl.memory_per_gpu)} per {rank_label}, exceeds the {gb(budget)} "
+                     f"a plan may use (90% after 2 GiB) at micro batch {pl.micro_batch} with activation "
+                     f"checkpointing {'on' if pl.checkpointing else 'off'}; {fix}")
+    if data_tokens and pl.tokens > MAX_EPOCHS * data_tokens:
+        found.append(f"{pl.tokens / data_tokens:,.0f} epochs: the token budget of {pl.tokens:,} tokens repeats the "
+                     f"{data_tokens:,} tokens of --data more than {MAX_EPOCHS} times; give more data or a smaller "
+                     f"--tokens")
+    return found

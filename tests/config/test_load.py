@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from mamba.config import ConfigError, TrainConfig
-from mamba.config.load import load_config, to_dict
+from mamba.config.load import duration_in_batches, load_config, to_dict
 from mamba.training.parallel import check_world_size, mesh_shape
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,7 +46,7 @@ def test_overrides_apply_and_convert_ints_to_floats(tmp_path):
 
 def test_misspelled_key_names_section_and_close_match(tmp_path):
     path = write(tmp_path, "optimizer:\n  weight_decy: 0.1\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'optimizer.weight_decy'.*did you mean 'weight_decay'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'optimizer.weight_decy'.*did you mean 'optimizer.weight_decay'"):
         load_config(path)
 
 
@@ -55,9 +55,19 @@ def test_unknown_section_is_refused(tmp_path):
         load_config(write(tmp_path, "trainr:\n  max_duration: 10ba\n"))
 
 
-def test_unknown_override_is_refused():
-    with pytest.raises(ConfigError, match=r"model.d_modle.*'d_model'"):
+def test_unknown_override_is_refused_naming_the_command_line():
+    with pytest.raises(ConfigError, match=r"^command line \(override 'model.d_modle=64'\): unknown key "
+                                          r"'model.d_modle'.*did you mean 'model.d_model'"):
         load_config(REPO / "config.yaml", ["model.d_modle=64"])
+    # The closest keys come from the whole schema: a section's name counts, and the same name
+    # in another section is found.
+    with pytest.raises(ConfigError, match=r"did you mean 'optimizer.lr'"):
+        load_config(REPO / "config.yaml", ["optimizer.learning_rate=1"])
+    with pytest.raises(ConfigError, match=r"unknown key 'trainer.lr' in section 'trainer'; did you mean 'optimizer.lr'"):
+        load_config(REPO / "config.yaml", ["trainer.lr=1"])
+    with pytest.raises(ConfigError,
+                       match=r"^command line \(override 'model=\{d_modle: 3\}'\): unknown key 'model.d_modle'"):
+        load_config(REPO / "config.yaml", ["model={d_modle: 3}"])  # a whole section given on the command line
 
 
 @pytest.mark.parametrize(
@@ -208,4 +218,18 @@ def test_in_memory_data_loads_like_the_file_and_is_named_honestly():
     with pytest.raises(ConfigError, match=r"^config: key 'trainer.autoresume' must be of type bool"):
         load_config({"trainer": {"autoresume": 3}})
     with pytest.raises(ConfigError, match=r"^config: unknown key 'model.d_modle'"):
-        load_config(data, ["model.d_modle=3"])
+        load_config({**data, "model": {"d_modle": 3}})
+
+
+@pytest.mark.parametrize("duration, steps", [("300ba", 300), ("1dur", 1000), ("0.25dur", 250), ("16sp", 2),
+                                             ("2048tok", 2), ("2049tok", 3), ("1e4ba", 10000)])
+def test_durations_in_batches(duration, steps):
+    # 8 windows of 128 tokens per step: samples and tokens round up to the step that reaches them.
+    cfg = load_config(REPO / "config.yaml", ["trainer.max_duration=1000ba", "trainer.global_batch_size=8",
+                                             "trainer.micro_batch_size=1", "data.seq_len=128", "scheduler.t_warmup=10ba"])
+    assert duration_in_batches(duration, cfg) == steps
+
+
+def test_max_duration_cannot_be_a_share_of_itself():
+    with pytest.raises(ConfigError, match=r"trainer.max_duration='1dur': 'dur' is a share of max_duration itself"):
+        load_config(REPO / "config.yaml", ["trainer.max_duration=1dur"])

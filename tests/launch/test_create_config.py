@@ -1,5 +1,6 @@
 """create_mamba_config.py and its planner: counts match built models, plans are consistent with
 the memory model, impossible requests fail with the reason, and the tiny config really trains."""
+import json
 import math
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
 from mamba.config import planner
 from mamba.config.load import load_config
@@ -70,14 +72,23 @@ def test_untied_and_mamba2_shapes_are_counted(shape, scan_inputs):
     assert (size.n_layer, size.d_model, size.padded_vocab, size.scan_inputs) == (3, 96, 1000, scan_inputs)
 
 
+def fused_gpu_model(preset: str) -> tuple:
+    """(config, sizes, memory terms) of a preset trained with amp_bf16 on mamba-ssm's kernels."""
+    cfg = load_config(None, [f"model.{k}={v}" for k, v in MODEL_PRESETS[preset].items()] +
+                      ["model.kernels=cuda", "trainer.precision=amp_bf16", "data.seq_len=2048"])
+    size = planner.measure_model(cfg.model)  # built with the torch ops: no mamba-ssm needed here
+    return cfg, size, planner.memory_model(cfg, size, "gpu")
+
+
 @pytest.mark.parametrize("preset,gpu,nodes", [("130m", "A100-40GB", 1), ("1.4b", "H100-80GB", 2),
                                               ("2.8b", "L40S-48GB", 4), ("1.6b", "H200-141GB", 1)])
 def test_plan_is_consistent_with_its_memory_model(preset, gpu, nodes):
-    m = planner.measure_model(load_config(None, [f"model.{k}={v}" for k, v in MODEL_PRESETS[preset].items()]).model)
+    _, m, mem = fused_gpu_model(preset)
+    assert (mem.block, mem.compute, mem.gathered) == (planner.block_activation_bytes(m), 2, 2)
     gb, peak = planner.GPUS[gpu]
     ranks = 8 * nodes
-    pl = planner.plan(m, ranks=ranks, seq_len=2048, global_batch_tokens=2**20, tokens=10**10, gpu_gb=gb,
-                      peak_tflops=peak, mfu=0.4, flops_per_token=6 * m.params)
+    pl = planner.plan(m, mem, ranks=ranks, seq_len=2048, global_batch_tokens=2**20, tokens=10**10, memory_gb=gb,
+                      gpu=True, peak_tflops=peak, mfu=0.4, flops_per_token=6 * m.params)
     assert pl.global_batch == pl.micro_batch * pl.grad_accum * ranks
     assert pl.steps * pl.global_batch * 2048 >= 10**10 > (pl.steps - 1) * pl.global_batch * 2048
     budget = planner.usable_bytes(gb)
@@ -86,7 +97,7 @@ def test_plan_is_consistent_with_its_memory_model(preset, gpu, nodes):
     per_rank = pl.global_batch // ranks
     bigger = [b for b in range(pl.micro_batch + 1, per_rank + 1) if per_rank % b == 0]
     if bigger:
-        assert planner.memory_bytes(m, bigger[0], 2048, ranks, pl.checkpointing) > budget
+        assert planner.memory_bytes(m, mem, bigger[0], 2048, ranks, pl.checkpointing) > budget
     # Wall time is FLOPs / (ranks x peak x MFU).
     assert pl.hours == pytest.approx(6 * pl.params * pl.tokens / (ranks * peak * 1e12 * 0.4) / 3600)
 
@@ -130,3 +141,163 @@ def test_tiny_config_trains_on_cpu(packed, tmp_path):
     assert [r["batch"] for r in rows] == [1, 2, 3]
     assert all(0 < r["loss/train/total"] < 20 for r in rows)
     assert any("ba3" in p.name for p in (tmp_path / "ckpt").iterdir())
+
+
+def test_the_summary_is_the_written_config_overrides_included(packed, tmp_path):
+    plain, changed = tmp_path / "plain.yaml", tmp_path / "changed.yaml"
+    proc = run("create_mamba_config.py", "--preset", "tiny", "--data", str(packed), "--out", str(plain))
+    cfg = load_config(plain)
+    # A CPU plan on this machine's memory: the tiny model fits without checkpointing, so it is off
+    # in the file too (it costs ~37% of CPU throughput).
+    assert cfg.fsdp.activation_checkpointing is False
+    assert "activation checkpointing off" in proc.stdout and "micro batch 4 x 1 accumulation" in proc.stdout
+    assert "device       cpu, precision fp32" in proc.stdout
+    proc = run("create_mamba_config.py", "--preset", "tiny", "--data", str(packed), "--out", str(changed),
+               "fsdp.activation_checkpointing=true", "trainer.micro_batch_size=2", "trainer.max_duration=50ba",
+               "scheduler.t_warmup=5ba", "trainer.save_interval=25ba")
+    cfg = load_config(changed)
+    assert (cfg.fsdp.activation_checkpointing, cfg.trainer.micro_batch_size, cfg.trainer.max_duration) == (
+        True, 2, "50ba")
+    assert "activation checkpointing on" in proc.stdout
+    assert "2 ranks x micro batch 2 x 2 accumulation" in proc.stdout
+    assert "50 steps = 102,400 tokens" in proc.stdout and "warmup 5 steps, checkpoint every 25 steps" in proc.stdout
+    assert "overrides    fsdp.activation_checkpointing=true" in proc.stdout
+
+
+def test_cpu_plans_checkpoint_only_when_nothing_fits_without(packed):
+    cfg = load_config(None, ["model.d_model=128", "model.n_layer=4", "model.vocab_size=512", "data.seq_len=256",
+                             "trainer.precision=fp32"])
+    size = planner.measure_model(cfg.model)
+    mem = planner.memory_model(cfg, size, "cpu")
+    assert "pure-PyTorch" in mem.path and mem.compute == 4
+
+    def cpu_plan(budget_bytes: int) -> planner.Plan:
+        memory_gb = (budget_bytes / 0.9 + 2 * planner.GIB) / 1e9  # the host share whose usable part is this
+        return planner.plan(size, mem, ranks=2, seq_len=256, global_batch_tokens=8 * 256, tokens=10**6,
+                            memory_gb=memory_gb, gpu=False, peak_tflops=None, mfu=0.4, flops_per_token=1)
+
+    one_plain = planner.memory_bytes(size, mem, 1, 256, 2, checkpointing=False)
+    one_checkpointed = planner.memory_bytes(size, mem, 1, 256, 2, checkpointing=True)
+    assert one_checkpointed < one_plain
+    roomy = cpu_plan(planner.memory_bytes(size, mem, 4, 256, 2, checkpointing=False) + 10**6)
+    assert (roomy.micro_batch, roomy.checkpointing) == (4, False)
+    # One window fits without checkpointing: still off (a GPU plan would turn it on below 4 windows).
+    tight = cpu_plan(one_plain + 10**4)
+    assert (tight.micro_batch, tight.checkpointing) == (1, False)
+    budget = (one_plain + one_checkpointed) // 2
+    short = cpu_plan(budget)  # only checkpointed windows fit: on, with as many as fit
+    assert short.checkpointing and short.memory_per_gpu <= budget
+    assert short.micro_batch == planner.micro_batch_fitting(size, mem, 256, 4, 2, budget, checkpointing=True) >= 1
+    with pytest.raises(planner.PlanError, match=r"does not fit: .* per CPU rank"):
+        cpu_plan(one_checkpointed - 10**4)
+
+
+@pytest.mark.parametrize("ssm", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("precision", ["fp32", "amp_bf16"])
+def test_activation_count_is_what_autograd_saves(ssm, precision):
+    """The memory model's activations (the pure-PyTorch blocks, measured on fake tensors, plus the
+    loss's per-token terms) against the tensors a real forward of a 3-layer LM saves for its
+    backward, counted per storage; two batch sizes, so that per-weight copies cancel."""
+    amp = precision == "amp_bf16"
+    cfg = load_config(None, ["model.d_model=64", "model.n_layer=3", "model.vocab_size=512", "data.seq_len=128",
+                             f"model.ssm_layer={ssm}", "model.chunk_size=32", "model.headdim=32",
+                             f"trainer.precision={precision}"])
+    size = planner.measure_model(cfg.model)
+    mem = planner.memory_model(cfg, size, "gpu" if amp else "cpu")
+    model = build_model(cfg.model, device="cpu").to(torch.bfloat16 if amp else torch.float32)  # as FSDP gathers it
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_bytes(batch: int) -> int:
+        saved = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        ids = torch.randint(0, 512, (batch, 128), generator=torch.Generator().manual_seed(batch))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            model(ids, position_ids=torch.arange(128).repeat(batch, 1), labels=ids)
+        return sum(saved.values())
+
+    measured = (saved_bytes(2) - saved_bytes(1)) / 128
+    counted = planner.activation_bytes_per_token(size, mem, checkpointing=False) + (4 + mem.compute) * 64 + 13
+    assert counted == pytest.approx(measured, rel=0.02)
+
+
+def test_the_plan_says_which_kernels_it_assumed_and_adjusts(tmp_path):
+    out = {}
+    for kernels in ("cuda", "torch"):
+        proc = run("create_mamba_config.py", "--preset", "130m", "--gpu", "A100-80GB", "--tokens", "1e9",
+                   "--out", str(tmp_path / f"{kernels}.yaml"), f"model.kernels={kernels}")
+        out[kernels] = proc.stdout
+    assert "activations  estimated for mamba-ssm's fused kernels, counted (model.kernels=cuda)" in out["cuda"]
+    assert "activations  estimated for the pure-PyTorch ops, measured (model.kernels=torch)" in out["torch"]
+    fused, torch_ops = (load_config(tmp_path / f"{k}.yaml") for k in ("cuda", "torch"))
+    # The torch ops keep every scan state (E x N fp32 per token): a smaller micro batch fits.
+    assert fused.trainer.micro_batch_size > torch_ops.trainer.micro_batch_size
+
+
+def test_a_plan_over_its_memory_budget_is_warned_with_the_numbers(tmp_path):
+    out = tmp_path / "over.yaml"
+    proc = run("create_mamba_config.py", "--preset", "130m", "--gpu-memory", "24", "--tokens", "1e9",
+               "--out", str(out), "model.kernels=cuda", "trainer.micro_batch_size=32")
+    assert load_config(out).trainer.micro_batch_size == 32  # written as asked ...
+    warning = [line for line in proc.stderr.splitlines() if "warning" in line]
+    assert len(warning) == 1, proc.stderr  # ... with the estimate, the budget and what fits
+    budget = planner.gb(planner.usable_bytes(24))
+    assert f"per 24 GB GPU, exceeds the {budget} a plan may use" in warning[0]
+    assert "at micro batch 32 with activation checkpointing off; trainer.micro_batch_size=" in warning[0]
+    assert f"memory       {warning[0].split('estimate, ')[1].split(' per')[0]} of {budget}" in proc.stdout
+
+
+def test_a_budget_of_many_epochs_is_warned(packed, tmp_path):
+    data_tokens = json.loads((packed / "index.json").read_text())["total_tokens"]
+    proc = run("create_mamba_config.py", "--preset", "tiny", "--data", str(packed), "--out", str(tmp_path / "c.yaml"),
+               "--tokens", str(150 * data_tokens))
+    assert f"repeats the {data_tokens:,} tokens of --data more than 100 times" in proc.stderr
+    steps = load_config(tmp_path / "c.yaml").trainer.max_duration.removesuffix("ba")
+    assert f"token budget of {int(steps) * 2048:,} tokens" in proc.stderr
+    quiet = run("create_mamba_config.py", "--preset", "tiny", "--data", str(packed), "--out", str(tmp_path / "d.yaml"))
+    assert "warning" not in quiet.stderr
+
+
+def test_planning_without_data(tmp_path):
+    out = tmp_path / "nodata.yaml"
+    proc = run("create_mamba_config.py", "--preset", "130m", "--gpu", "H100-80GB", "--out", str(out))
+    placeholder = load_config(None).data.sources
+    assert load_config(out).data.sources == placeholder and load_config(out).model.vocab_size == 50280
+    assert f"data.sources is the placeholder {placeholder[0]['path']}" in proc.stdout
+    proc = run("create_mamba_config.py", "--preset", "tiny", "--out", str(tmp_path / "t.yaml"), ok=False)
+    assert proc.returncode != 0 and "give --data DIR (a tools/pack.py directory) or --vocab-size N" in proc.stderr
+    run("create_mamba_config.py", "--preset", "tiny", "--vocab-size", "512", "--out", str(tmp_path / "t.yaml"))
+    assert load_config(tmp_path / "t.yaml").model.vocab_size == 512
+
+
+def test_a_misspelled_override_is_named_as_the_command_lines(packed, tmp_path):
+    config = tmp_path / "c.yaml"
+    proc = run("create_mamba_config.py", "--preset", "tiny", "--data", str(packed), "--out", str(config),
+               "optimizer.learning_rate=1", ok=False)
+    expected = ("command line (override 'optimizer.learning_rate=1'): unknown key 'optimizer.learning_rate' in "
+                "section 'optimizer'; did you mean 'optimizer.lr'")
+    assert proc.returncode != 0 and expected in proc.stderr, proc.stderr
+    assert not config.exists()
+    run("create_mamba_config.py", "--preset", "tiny", "--data", str(packed), "--out", str(config))
+    proc = run("mamba/train.py", str(config), "optimizer.learning_rate=1", ok=False)
+    assert proc.returncode != 0 and expected in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and f"{config}: unknown key" not in proc.stderr
+
+
+def test_errors_name_what_the_user_gave_never_a_temporary_file(packed, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    cases = [(["--out", str(tmp_path)], f"--out {tmp_path} is a directory"),
+             (["--out", str(tmp_path / "a_file" / "c.yaml")], f"--out {tmp_path / 'a_file' / 'c.yaml'}: cannot write it"),
+             (["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "c.yaml")],
+              f"--data {tmp_path / 'nope'}: no such directory")]
+    for args, message in cases:
+        data = [] if "--data" in args else ["--data", str(packed)]
+        proc = run("create_mamba_config.py", "--preset", "tiny", *data, *args, ok=False)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+        assert ".tmp" not in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing left behind

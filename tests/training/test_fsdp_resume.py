@@ -131,7 +131,7 @@ def test_shard_grad_op_with_sparse_checkpointing_matches_evaluates_and_exports_h
 
     run_dir = tiny_config.parent / "gradop"
     launch(tiny_config, "run_name=gradop", "trainer.max_duration=20ba", "fsdp.sharding_strategy=SHARD_GRAD_OP",
-           "fsdp.activation_checkpointing_every=2", "trainer.export_hf=true")
+           "fsdp.activation_checkpointing=true", "fsdp.activation_checkpointing_every=2", "trainer.export_hf=true")
     whole_run(tiny_config)
     close(losses(tiny_config, "gradop"), losses(tiny_config, "whole"), 1e-6, "loss")
     # Evaluated at batches 10 and 20 on the held-out split, loss and perplexity consistent.

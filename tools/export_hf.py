@@ -18,6 +18,7 @@ if importlib.util.find_spec("mamba") is None:  # run from a checkout without ins
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mamba.config import ConfigError  # noqa: E402
+from mamba.known_warnings import quiet_known_warnings  # noqa: E402
 from mamba.model.hf import CheckpointMismatchError  # noqa: E402
 from mamba.runs.checkpoints import load_model_from_checkpoint, resolve_checkpoint  # noqa: E402
 from mamba.runs.export import export_hf  # noqa: E402
@@ -31,6 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", help="the run's config YAML (default: config.yaml beside the checkpoint)")
     parser.add_argument("--tokenizer", help="tokenizer.json to ship (default: the training data's)")
     args = parser.parse_args(argv)
+    quiet_known_warnings()
     try:
         checkpoint = resolve_checkpoint(args.checkpoint)
         model, cfg = load_model_from_checkpoint(checkpoint, args.config)

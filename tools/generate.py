@@ -20,6 +20,7 @@ if importlib.util.find_spec("mamba") is None:  # run from a checkout without ins
 import torch  # noqa: E402
 
 from mamba.config import ConfigError  # noqa: E402
+from mamba.known_warnings import quiet_known_warnings  # noqa: E402
 from mamba.data.tokenizer import load_tokenizer  # noqa: E402
 from mamba.model.generation import generate  # noqa: E402
 from mamba.model.hf import CheckpointMismatchError, model_from_pretrained  # noqa: E402
@@ -53,6 +54,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.top_p <= 1 or args.temperature < 0 or args.max_new_tokens < 1:
         parser.error("need 0 < --top-p <= 1, --temperature >= 0 and --max-new-tokens >= 1")
+    quiet_known_warnings()
     try:
         model, tok = load(args.checkpoint, args.tokenizer)
     except (OSError, ValueError, ConfigError, CheckpointMismatchError) as e:

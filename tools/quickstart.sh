@@ -20,5 +20,20 @@ $venv/bin/python create_mamba_config.py --preset tiny --data "$out/packed" --out
   --run-name quickstart "trainer.save_folder=$out/checkpoints" "logging.metrics_file=$out/metrics.jsonl"
 
 # One thread per rank: two ranks on two cores oversubscribe OpenMP otherwise (about 4x slower).
-OMP_NUM_THREADS=1 $venv/bin/composer -n 2 mamba/train.py "$out/tiny.yaml"
-echo "checkpoints: $out/checkpoints   metrics: $out/metrics.jsonl"
+# A finished run (its export is written last) is not launched again: a re-run only shows the sample.
+if [ ! -f "$out/checkpoints/hf/config.json" ]; then
+  OMP_NUM_THREADS=1 $venv/bin/composer -n 2 mamba/train.py "$out/tiny.yaml" trainer.export_hf=true
+fi
+
+echo
+echo "== a greedy sample from the trained model (prompt 'def '):"
+$venv/bin/python tools/generate.py "$out/checkpoints/hf" --prompt 'def ' --max-new-tokens 48
+echo
+cat <<NEXT
+== done. The run's files: checkpoints $out/checkpoints, metrics $out/metrics.jsonl,
+   Hugging Face export $out/checkpoints/hf, config $out/tiny.yaml. Next:
+  $venv/bin/python tools/generate.py $out/checkpoints/hf --prompt 'import ' --temperature 0.8 --top-p 0.95
+  $venv/bin/python tools/plot_metrics.py $out/metrics.jsonl --out $out/curves.png
+  $venv/bin/python tools/export_hf.py $out/checkpoints DIR          # any checkpoint, e.g. an earlier one
+  $venv/bin/python create_mamba_config.py --help                    # plan a real run (README "Entry points")
+NEXT

@@ -206,9 +206,9 @@ class LoggingConfig:
     """Where metrics go (console, JSON lines, TensorBoard, W&B) and what MFU is measured against."""
 
     log_interval: str = "10ba"
-    """How often metrics are printed to the console."""
+    """How often rank 0 prints a progress line (loss, lr, tokens/s, time left) where there is no bar."""
     progress_bar: bool = True
-    """Show a progress bar on rank 0."""
+    """A live progress bar on rank 0 when stderr is a terminal; elsewhere (a log file) plain lines."""
     metrics_file: Optional[str] = "./runs/{run_name}/metrics.jsonl"
     """Rank 0 appends one JSON line of metrics per batch here ({run_name} substituted); null disables it."""
     tensorboard_dir: Optional[str] = None

@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 
 from mamba.config.schema import NonFiniteAction, TrainConfig
 from mamba.device_peaks import peak_flops_per_device
+from mamba.training.console_lines import ConsoleLines, use_progress_bar
 from mamba.training.metrics_file import JSONLinesLogger
 from mamba.training.signals import SigtermCheckpoint
 
@@ -146,8 +147,10 @@ def build_callbacks(cfg: TrainConfig, device: str, precision: str, save_folder: 
 
 
 def build_loggers(cfg: TrainConfig) -> list:
-    """JSON lines (logging.metrics_file), TensorBoard (logging.tensorboard_dir), W&B (logging.wandb_project)."""
+    """Progress lines where there is no live bar (console_lines.py), JSON lines (logging.metrics_file), TensorBoard (logging.tensorboard_dir), W&B (logging.wandb_project)."""
     lg, loggers = cfg.logging, []
+    if not use_progress_bar(lg.progress_bar):  # a console that is a file, or no bar wanted
+        loggers.append(ConsoleLines(lg.log_interval))
     if lg.metrics_file:
         loggers.append(JSONLinesLogger(lg.metrics_file.format(run_name=cfg.run_name)))
     if lg.tensorboard_dir:

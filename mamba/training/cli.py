@@ -6,6 +6,7 @@ import sys
 
 from mamba.config import ConfigError
 from mamba.config.load import load_config
+from mamba.known_warnings import quiet_known_warnings
 from mamba.training.rank_process import die_with_launcher, report_failure
 
 USAGE = "usage: composer -n NPROC mamba/train.py CONFIG.yaml [section.key=value ...]"
@@ -17,6 +18,7 @@ def main(argv: list[str]) -> None:
         print(USAGE)
         sys.exit(0 if argv else 2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    quiet_known_warnings()
     # Imported only now: torch and Composer take seconds to import, and until the line above a
     # killed launcher would leave this rank running.
     import torch

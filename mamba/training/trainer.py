@@ -17,6 +17,7 @@ from mamba.model.factory import build_model
 from mamba.runs.export import export_final_weights
 from mamba.runs.run_config import write_run_config
 from mamba.training.callbacks import build_callbacks, build_loggers
+from mamba.training.console_lines import use_progress_bar
 from mamba.training.optim import build_optimizer
 from mamba.training.parallel import (assign_units, average_gloo_gradients, build_parallelism, check_world_size,
                                      resolve_device, resolve_precision)
@@ -89,9 +90,10 @@ def train(cfg: TrainConfig) -> Trainer:
                    ManifestCheckpointSaver(save_folder, t.save_interval, t.save_num_checkpoints_to_keep),
                    lock],  # released by trainer.close()
         loggers=build_loggers(cfg),
-        progress_bar=cfg.logging.progress_bar,
-        log_to_console=not cfg.logging.progress_bar,
-        console_log_interval=cfg.logging.log_interval,
+        # A live bar on a terminal; else build_loggers added one plain line per log interval
+        # (console_lines.py): Composer's own console logger prints a line per metric.
+        progress_bar=use_progress_bar(cfg.logging.progress_bar),
+        log_to_console=False,
         save_folder=save_folder,
         autoresume=t.autoresume,
     )

@@ -60,3 +60,28 @@ def test_a_finished_run_leaves_no_process_group(tmp_path):
           f"trainer.save_folder={tmp_path / 'ckpt'}", "scheduler.t_warmup=1ba", "logging.metrics_file=null"])
     assert (tmp_path / "ckpt" / "latest-rank0.pt").exists()
     assert not torch.distributed.is_initialized()
+
+
+def test_progress_in_a_log_file_is_one_plain_line_per_interval(tmp_path):
+    """stderr is a pipe here, as in a Slurm log: no progress bar's carriage returns, one line per
+    logging.log_interval (2 batches) plus the first and the last, each with loss, lr and rate."""
+    stdlib = Path(sys.modules["os"].__file__).parent
+    pack = subprocess.run([sys.executable, "tools/pack.py", "--tokenizer", "bpe:300", "--out", str(tmp_path / "packed"),
+                           *map(str, sorted(stdlib.glob("*.py"))[:12])], cwd=REPO, capture_output=True, text=True)
+    assert pack.returncode == 0, pack.stderr[-3000:]
+    run = subprocess.run(
+        [sys.executable, "mamba/train.py", str(REPO / "config.yaml"), "run_name=lines",
+         f"data.sources=[{{path: '{tmp_path / 'packed'}'}}]", "data.seq_len=32", "model.d_model=32", "model.n_layer=2",
+         "model.vocab_size=300", "trainer.global_batch_size=2", "trainer.micro_batch_size=2", "trainer.max_duration=5ba",
+         "trainer.save_interval=5ba", "trainer.device=cpu", "logging.progress_bar=true", "logging.log_interval=2ba",
+         f"trainer.save_folder={tmp_path / 'ckpt'}", "scheduler.t_warmup=1ba", "logging.metrics_file=null"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "\r" not in run.stderr and "\x1b[" not in run.stderr, "progress bar debris in a log file"
+    for known in ("FSDP2 Config/APIs are experimental", "TypedStorage is deprecated"):  # mamba/known_warnings.py
+        assert known not in run.stderr, run.stderr[-3000:]
+    lines = [line for line in run.stderr.splitlines() if line.startswith("[train]")]
+    assert [line.split()[2] for line in lines] == ["1/5", "2/5", "4/5", "5/5"], run.stderr[-3000:]
+    for line in lines:
+        assert " loss " in line and " lr " in line and " tok/s" in line and " elapsed" in line, line
+    assert "left" in lines[1] and "(100%)" in lines[-1], lines

@@ -127,8 +127,8 @@ def bench_loader() -> list[tuple[str, float, str]]:
 # ~32 MB of CPython's own sources (the stdlib and its tests): real code text, on every machine.
 # Enough that starting pack's worker processes (~0.3 s, once per run) is a few percent of a run.
 PACK_BYTES = 32 << 20
-# Text per tokenizing job. pack's default (8 MB) would make this corpus 2 jobs, too few to keep 2
-# workers busy past their start-up; a real corpus is thousands of default-sized jobs.
+# Text per tokenizing job, as pack's default (4 MB): 8 jobs for this corpus, enough to keep 2
+# workers busy past their start-up; a real corpus is thousands of them.
 PACK_CHUNK_BYTES = 4 << 20
 PACK_ROUNDS = 3
 

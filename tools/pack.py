@@ -11,18 +11,24 @@ and --exclude choose names), .jsonl (--text-field, else text/content/body, else 
 .parquet, HF datasets saved with save_to_disk, hf:NAME[:SPLIT]; any of the files .gz or .zst.
 A bad input (unreadable, binary, not UTF-8, empty, a record without text) stops the run unless
 --on-bad-input skip, which lists it in index.json. An interrupted run, re-run with the same
-arguments, resumes after the last finished shard.
+arguments, resumes after the last finished shard; a failed one leaves nothing behind.
 """
 import argparse
 import importlib.util
+import signal
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 if importlib.util.find_spec("mamba") is None:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mamba.data.pack import DEFAULT_INCLUDE, DEFAULT_SHARD_TOKENS, POLICIES, pack  # noqa: E402
+from mamba.data.progress import PackMeter  # noqa: E402
+from mamba.data.shards import PROGRESS_NAME  # noqa: E402
+
+SKIPPED_NAMES = 3  # inputs named per reason in the skipped summary; index.json lists them all
 
 
 def inspect_main(argv) -> int:
@@ -30,14 +36,18 @@ def inspect_main(argv) -> int:
 
     parser = argparse.ArgumentParser(prog="pack.py inspect", description="Summarize a packed dataset directory.")
     parser.add_argument("dir", help="a packed dataset directory (holding index.json)")
-    parser.add_argument("--window", type=int, help="decode window number I to text")
+    parser.add_argument("--window", type=int, help="decode window number I to text (printed instead of the summary)")
     parser.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
     parser.add_argument("--verify", action="store_true", help="check every shard's size and sha256")
     parser.add_argument("--top", type=int, default=10, help="how many of the most frequent ids to list")
     args = parser.parse_args(argv)
+    # `inspect DIR | head` closes the pipe early: end quietly, as other Unix tools do, instead of
+    # a BrokenPipeError traceback.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
-        print(inspect.summary(args.dir, args.top))
-        if args.window is not None:
+        if args.window is None:
+            print(inspect.summary(args.dir, args.top))
+        else:
             print(inspect.render_window(args.dir, args.window, args.seq_len))
         if args.verify:
             problems = inspect.verify(args.dir)
@@ -75,20 +85,27 @@ def main(argv=None) -> int:
     parser.add_argument("--val-fraction", type=float, default=0.0,
                         help="share of documents for --out/val (the rest in --out/train); default 0: no split")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val document hash")
-    parser.add_argument("--quiet", action="store_true", help="do not report each shard as it is written")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress on stderr (a line updated in place on a terminal, else every 10 s, "
+                             "and each shard written); only the summary at the end")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
+    meter = None if args.quiet else PackMeter(sys.stderr)
     try:
         manifest = pack(
             args.inputs, args.out, tokenizer=args.tokenizer, shard_tokens=args.shard_tokens,
             on_bad_input=args.on_bad_input, include=args.include or DEFAULT_INCLUDE, exclude=args.exclude, eos=args.eos,
-            progress=None if args.quiet else lambda msg: print(msg, file=sys.stderr, flush=True),
-            workers=args.workers, text_field=args.text_field, add_bos=args.bos, add_eos=not args.no_eos,
-            val_fraction=args.val_fraction, seed=args.seed,
+            progress=meter and meter.message, meter=meter, workers=args.workers, text_field=args.text_field,
+            add_bos=args.bos, add_eos=not args.no_eos, val_fraction=args.val_fraction, seed=args.seed,
         )
     except (ValueError, OSError) as e:  # bad input, tokenizer or output dir: the message says which
         parser.exit(1, f"{parser.prog}: error: {e}\n")
+    except KeyboardInterrupt:
+        kept = (Path(args.out) / PROGRESS_NAME).is_file()
+        parser.exit(130, f"{parser.prog}: interrupted; " + (
+            f"what is finished is kept in {args.out}: run the same command again to resume\n" if kept else
+            "nothing was finished, nothing is left behind\n"))
     seconds = time.perf_counter() - start
     tokens = manifest["total_tokens"] + manifest.get("val_manifest", {}).get("total_tokens", 0)
     tok = manifest["tokenizer"]
@@ -99,11 +116,24 @@ def main(argv=None) -> int:
         print(f"  val: {val['total_documents']} documents, {val['total_tokens']} tokens in {args.out}/val "
               f"(train in {args.out}/train)")
     print(f"tokenizer {tok['name']} ({tok['kind']}, vocab {tok['vocab_size']}), special ids {manifest['special_tokens']}")
-    for bad in manifest["skipped"]:
-        print(f"skipped {bad['path']}: {bad['reason']}")
+    if manifest["skipped"]:
+        print(skipped_summary(manifest["skipped"], f"{args.out}/train" if "val_manifest" in manifest else args.out))
     if manifest["unmatched_files"]:
         print(f"left out {manifest['unmatched_files']} files in the input directories that match no --include pattern")
     return 0
+
+
+def skipped_summary(skipped: list[dict], out: str) -> str:
+    """How many inputs were left out for each reason, naming the first few: a code tree has dozens
+    of empty __init__.py files, and the full list is in index.json."""
+    # Reasons differ in their parenthesised detail (a byte offset, an exception text): count by the rest.
+    reasons = Counter(s["reason"].split(" (")[0] for s in skipped)
+    lines = [f"skipped {len(skipped)} inputs or records (all listed in index.json's \"skipped\" and by "
+             f"`tools/pack.py inspect {out}`):"]
+    for reason, count in reasons.most_common():
+        names = [s["path"] for s in skipped if s["reason"].split(" (")[0] == reason][:SKIPPED_NAMES]
+        lines.append(f"  {count} {reason}: {', '.join(names)}{', ...' if count > len(names) else ''}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

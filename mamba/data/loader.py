@@ -33,6 +33,7 @@ from composer.utils import dist
 from mamba import layout
 from mamba.config.schema import DataConfig
 from mamba.data.dataset import PackedSource, decode_windows
+from mamba.data.errors import DataError
 from mamba.data.fim import fim_window
 from mamba.data.mixture import WeightedSchedule, WindowShuffle
 
@@ -151,10 +152,10 @@ def open_sources(entries: list[dict], key: str, seq_len: int, vocab_size: int, v
         try:
             source = PackedSource(entry["path"], seq_len)
             source.check_vocab(vocab_size)
-        except (OSError, ValueError) as e:
-            raise type(e)(f"{key}[{i}].path: {e}") from None
+        except (OSError, ValueError) as e:  # missing, torn, another layout, token ids past the vocab
+            raise DataError(f"{key}[{i}].path: {e}") from None
         if sources and source.tokenizer.get("sha256") != sources[0].tokenizer.get("sha256"):
-            raise ValueError(
+            raise DataError(
                 f"{key}[{i}].path={entry['path']} was packed with tokenizer {source.tokenizer}, but "
                 f"{key}[0].path={entries[0]['path']} with {sources[0].tokenizer}; every source must use "
                 f"the same tokenizer, so repack one of them"
@@ -163,7 +164,10 @@ def open_sources(entries: list[dict], key: str, seq_len: int, vocab_size: int, v
     if verify:  # every rank hashes its share of the shards: a full read of the data, split W ways
         shards = [(s, k) for s in sources for k in range(len(s.shard_paths))]
         for s, k in shards[dist.get_global_rank()::dist.get_world_size()]:
-            s.verify([k])
+            try:
+                s.verify([k])
+            except (OSError, ValueError) as e:  # names the shard whose bytes changed
+                raise DataError(f"data.verify: {e}") from None
     return sources
 
 
@@ -199,10 +203,13 @@ def build_train_dataloader(cfg: DataConfig, batch_size: int, vocab_size: int, se
     sources = open_sources(cfg.sources, "data.sources", cfg.seq_len, vocab_size, cfg.verify)
     if cfg.fim_rate > 0:
         for i, source in enumerate(sources):
-            sentinels = source.fim_sentinels()  # raises naming the source without sentinels
+            try:
+                sentinels = source.fim_sentinels()
+            except ValueError as e:  # names the index.json without sentinels
+                raise DataError(f"data.sources[{i}].path: {e}") from None
             if max(sentinels) >= vocab_size:  # they may never occur in the data, so check_vocab misses them
-                raise ValueError(f"data.sources[{i}].path: FIM sentinel ids {sentinels} from {source.data_dir}/index.json "
-                                 f"do not fit model.vocab_size={vocab_size}; raise vocab_size or set data.fim_rate=0")
+                raise DataError(f"data.sources[{i}].path: FIM sentinel ids {sentinels} from {source.data_dir}/index.json "
+                                f"do not fit model.vocab_size={vocab_size}; raise vocab_size or set data.fim_rate=0")
     stream = MixtureStream(sources, [e.get("weight", 1.0) for e in cfg.sources], batch_size, seed, cfg.shuffle,
                            dist.get_global_rank(), dist.get_world_size(), fim_rate=cfg.fim_rate,
                            fim_spm_rate=cfg.fim_spm_rate)
@@ -231,7 +238,7 @@ def build_eval_dataloader(cfg: DataConfig, batch_size: int, vocab_size: int) -> 
     per_step = batch_size * dist.get_world_size()
     length = available // per_step * per_step
     if not length:
-        raise ValueError(
+        raise DataError(
             f"data.eval_sources hold {available} windows of data.seq_len={cfg.seq_len} in their mixture, "
             f"fewer than one global batch ({per_step}); add eval data or lower the batch size"
         )

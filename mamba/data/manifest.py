@@ -70,6 +70,10 @@ def read_index(data_dir: str | os.PathLike) -> dict:
     the directory is not one."""
     data_dir = Path(data_dir)
     path = data_dir / INDEX_NAME
+    if not data_dir.is_dir():
+        what = "is a file, not a directory" if data_dir.exists() else "no such directory"
+        raise FileNotFoundError(f"{data_dir}: {what}; give a packed dataset directory (the --out of "
+                                f"tools/pack.py, holding {INDEX_NAME} and the shards)")
     if not path.is_file():
         hint = " (it holds train/ and val/: name one of them)" if (data_dir / "train" / INDEX_NAME).exists() else ""
         raise FileNotFoundError(f"{path}: missing, so {data_dir} is not a complete packed dataset{hint}; "

@@ -37,18 +37,22 @@ import numpy as np
 from mamba import layout
 from mamba.data import readers
 from mamba.data.manifest import TOKENIZER_NAME, sha256_file, write_index
+from mamba.data.progress import PackMeter
 from mamba.data.readers import DEFAULT_INCLUDE, BadInputError, collect_inputs
-from mamba.data.shards import (DEFAULT_SHARD_TOKENS, SPLITS, Journal, SplitOutput, discard_output, prepare_out_dir,
-                               run_fingerprint)
+from mamba.data.shards import (DEFAULT_SHARD_TOKENS, SPLITS, Journal, SplitOutput, discard_output, missing_dirs,
+                               prepare_out_dir, run_fingerprint)
 from mamba.data.tokenizer import SPECIAL_CANDIDATES, load_tokenizer
 from mamba.files import write_atomic
 
 __all__ = ["pack", "ChunkEncoder", "encode_documents", "iter_chunks", "split_of", "BATCH_BYTES", "POLICIES",
            "DEFAULT_INCLUDE", "DEFAULT_SHARD_TOKENS"]
 
-# Text per chunk: large enough that a HF tokenizer keeps its threads busy, small enough that a
-# chunk's token lists (~28 bytes per Python int) stay a few hundred MiB.
-BATCH_BYTES = 8 << 20
+# Text per chunk: large enough that a HF tokenizer keeps its threads busy (benchmarks/data.py
+# measures pack with chunks of this size), small enough that a chunk's token lists (~28 bytes per
+# Python int) stay a few hundred MiB and the progress meter moves every few seconds.
+BATCH_BYTES = 4 << 20
+# Text per group read to train a "bpe:N" tokenizer: only how often the meter moves.
+TRAINING_CHUNK_BYTES = 1 << 20
 POLICIES = ("fail", "skip")
 
 
@@ -57,7 +61,7 @@ def pack(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, tokeni
          include: Iterable[str] = DEFAULT_INCLUDE, exclude: Iterable[str] = (), eos: str | None = None,
          progress: Callable | None = None, workers: int = 1, text_field: str | None = None,
          add_bos: bool = False, add_eos: bool = True, val_fraction: float = 0.0, seed: int = 0,
-         chunk_bytes: int = BATCH_BYTES) -> dict:
+         chunk_bytes: int = BATCH_BYTES, meter: PackMeter | None = None) -> dict:
     """Pack the inputs into out_dir (or out_dir/train and out_dir/val); return the train manifest
     (with val_fraction > 0 it carries the val manifest under "val_manifest").
 
@@ -68,6 +72,13 @@ def pack(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, tokeni
     workers: tokenizing processes (the output does not depend on it). text_field: the JSONL /
     Parquet / dataset field holding the text. val_fraction, seed: the document split.
     chunk_bytes: characters of text per tokenizing job (and so how often progress is journaled).
+    progress: called with a line for each shard written and on resuming; meter: shows how far
+    the reading and tokenizing are (pass its `message` as progress, so lines and meter do not mix).
+
+    A failure (an exception: bad input, bad option, ...) removes everything the run wrote, and the
+    output directory and its parents if the run made them; so does an interrupt (Ctrl-C) before
+    the journal recorded anything. An interrupted run that journaled shards (or its trained
+    tokenizer) keeps them, like a killed one, and a re-run with the same arguments resumes there.
     """
     _check_options(on_bad_input, val_fraction, workers)
     # The plan: inputs, output directories, and what a resumed run must share with this one.
@@ -80,12 +91,12 @@ def pack(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, tokeni
                "on_bad_input": on_bad_input, "eos": eos, "text_field": text_field, "add_bos": add_bos,
                "add_eos": add_eos, "val_fraction": val_fraction, "seed": seed, "chunk_bytes": chunk_bytes}
     fingerprint = run_fingerprint(sources, options)
+    created = missing_dirs(out)
     journal = Journal(out, fingerprint, prepare_out_dir(out, fingerprint, list(dirs.values())))
     try:
         if tok is None:
-            texts = (text for chunk in iter_chunks(sources, text_field, on_bad_input, [], seed, 0)
-                     for _, _, segs in chunk for text, _ in segs)
-            tok = _trained_tokenizer(tokenizer, eos, out, journal, texts)
+            chunks = iter_chunks(sources, text_field, on_bad_input, [], seed, 0, TRAINING_CHUNK_BYTES)
+            tok = _trained_tokenizer(tokenizer, eos, out, journal, _texts(chunks, meter, fingerprint["inputs"]))
         _copy_tokenizer(tok, dirs.values())
         encoder = _document_encoder(tok, tokenizer, add_bos, add_eos)
 
@@ -94,7 +105,11 @@ def pack(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, tokeni
             progress(f"resuming {out}: {sum(len(o.writer.shards) for o in outputs.values())} shards already written")
         skipped: list[dict] = []
         chunks = iter_chunks(sources, text_field, on_bad_input, skipped, seed, val_fraction, chunk_bytes)
-        _write_shards(chunks, encoder, eos, workers, outputs, journal)
+        if meter:
+            meter.phase(f"tokenizing ({workers} worker{'s' if workers > 1 else ''})", fingerprint["inputs"], True)
+        _write_shards(chunks, encoder, eos, workers, outputs, journal, meter)
+        if meter:
+            meter.end()
 
         _check_documents(outputs, len(sources), skipped, val_fraction)
         manifests = _write_manifests(outputs, fingerprint, tok, skipped, unmatched, add_bos, add_eos)
@@ -102,10 +117,13 @@ def pack(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, tokeni
         if val_fraction > 0:
             return {**manifests["train"], "val_manifest": manifests["val"]}
         return manifests["train"]
-    except Exception:
-        # A clean failure (bad input, bad option) leaves nothing behind; a killed run keeps its
-        # journal and shards so a re-run resumes.
-        discard_output(out, list(dirs.values()))
+    except BaseException as e:
+        if meter:
+            meter.close()
+        # A failure leaves nothing behind; an interrupt (Ctrl-C) after the journal recorded
+        # something, like a killed run, keeps the journal and shards so a re-run resumes.
+        if isinstance(e, Exception) or not journal.path.is_file():
+            discard_output(out, list(dirs.values()), created)
         raise
 
 
@@ -116,6 +134,19 @@ def _check_options(on_bad_input: str, val_fraction: float, workers: int) -> None
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+
+
+def _texts(chunks: Iterator[list], meter: PackMeter | None, inputs: list[list]) -> Iterator[str]:
+    """The documents' texts, to train a tokenizer on; the meter shows how much has been read."""
+    if meter:
+        meter.phase("training the tokenizer: reading", inputs, False)
+    for chunk in chunks:
+        yield from (text for _, _, segs in chunk for text, _ in segs)
+        if meter:
+            meter.advance(meter.locate(chunk))
+    if meter:  # the rest of the training has no progress to show
+        meter.end()
+        meter.message("training the tokenizer: computing merges")
 
 
 def _trained_tokenizer(spec: str, eos: str | None, out: Path, journal: Journal, texts: Iterator[str]):
@@ -153,18 +184,30 @@ def _document_encoder(tok, spec: str, add_bos: bool, add_eos: bool) -> ChunkEnco
 
 
 def _write_shards(chunks: Iterator[list], encoder: ChunkEncoder, eos: str | None, workers: int,
-                  outputs: dict[str, SplitOutput], journal: Journal) -> None:
+                  outputs: dict[str, SplitOutput], journal: Journal, meter: PackMeter | None) -> None:
     """Tokenize the chunks from the first one an output still needs, hand each output its words,
     and journal after every chunk that completed a shard."""
     first = min(o.cursor[0] for o in outputs.values())
-    needed = ((index, chunk) for index, chunk in enumerate(chunks) if index >= first)
-    for index, result in _tokenize(needed, encoder, eos, workers):
+    positions = {}  # chunk index -> how far into the inputs it reaches, for the meter
+
+    def needed():
+        for index, chunk in enumerate(chunks):
+            if meter:
+                positions[index] = meter.locate(chunk)
+                if index < first:
+                    meter.advance(positions.pop(index), skipped=True)
+            if index >= first:
+                yield index, chunk
+
+    for index, result in _tokenize(needed(), encoder, eos, workers):
         wrote = False
         for split, (words, counts) in result.items():
             if outputs[split].add(index, words, counts):
                 wrote = True
         if wrote:
             journal.record(outputs)
+        if meter:
+            meter.advance(positions.pop(index), sum(len(words) for words, _ in result.values()))
 
 
 def _check_documents(outputs: dict[str, SplitOutput], n_sources: int, skipped: list[dict],

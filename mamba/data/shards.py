@@ -205,10 +205,21 @@ def prepare_out_dir(out: Path, fingerprint: dict, split_dirs: list[Path]) -> dic
     return None
 
 
-def discard_output(out: Path, split_dirs: list[Path]) -> None:
-    """After a clean failure (bad input, bad option): remove the shards, tokenizer.json files and
-    journal written so far, and split directories left empty. A killed run never gets here, so it
-    keeps its journal and shards for a re-run to resume."""
+def missing_dirs(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, outermost first: what
+    prepare_out_dir will create, and discard_output remove."""
+    missing = []
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing.insert(0, p)
+    return missing
+
+
+def discard_output(out: Path, split_dirs: list[Path], created: list[Path] = ()) -> None:
+    """After a failure: remove the shards, tokenizer.json files and journal written so far, split
+    directories left empty, and the directories of `created` (missing_dirs before the run) left
+    empty. A killed run never gets here, so it keeps its journal and shards for a re-run to resume."""
     for d in split_dirs:
         for p in d.glob("shard_*.npy"):
             p.unlink()
@@ -217,3 +228,6 @@ def discard_output(out: Path, split_dirs: list[Path]) -> None:
             d.rmdir()
     (out / TOKENIZER_NAME).unlink(missing_ok=True)
     (out / PROGRESS_NAME).unlink(missing_ok=True)
+    for d in reversed(created):
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()

@@ -198,8 +198,10 @@ def load_tokenizer(spec: str, inputs_for_training: Iterable[str] | None = None,
     return HFTokenizer(path.resolve(), kind="hf", name=path.name, eos=eos)
 
 
-def write_tokenizer_files(tokenizer_path: Path, out: Path) -> int | None:
-    """Copy tokenizer.json into `out` and describe it for AutoTokenizer; returns the EOS id."""
+def write_tokenizer_files(tokenizer_path: Path, out: Path) -> dict[str, int | None]:
+    """Copy tokenizer.json into `out` and describe it for AutoTokenizer: its EOS, and its own BOS,
+    pad and unknown tokens where it has them (else the EOS, as GPT-2's files do). Returns the ids
+    {eos, bos, pad} so named (None without an EOS), for the model's config.json."""
     from tokenizers import Tokenizer
 
     src = tokenizer_path / "tokenizer.json" if tokenizer_path.is_dir() else tokenizer_path
@@ -207,11 +209,19 @@ def write_tokenizer_files(tokenizer_path: Path, out: Path) -> int | None:
         raise FileNotFoundError(f"tokenizer {tokenizer_path}: no tokenizer.json there")
     shutil.copyfile(src, out / "tokenizer.json")
     tok = Tokenizer.from_file(str(src))
-    eos = next((n for n in EOS_CANDIDATES if tok.token_to_id(n) is not None), None)
-    special = {"eos_token": eos, "bos_token": eos, "unk_token": eos, "pad_token": eos} if eos else {}
+
+    def own(key: str) -> str | None:
+        return next((n for n in SPECIAL_CANDIDATES[key] if tok.token_to_id(n) is not None), None)
+
+    model = json.loads(src.read_text(encoding="utf-8"))["model"]
+    # BPE, WordPiece and WordLevel name their unknown token; Unigram (SentencePiece) gives its id.
+    unk = model.get("unk_token") or (model["vocab"][model["unk_id"]][0] if model.get("unk_id") is not None else None)
+    eos = own("eos")
+    names = {"eos": eos, "bos": own("bos") or eos, "pad": own("pad") or eos, "unk": unk or eos}
+    special = {f"{key}_token": name for key, name in names.items() if name is not None}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
          "model_input_names": ["input_ids", "attention_mask"], **special},  # Mamba takes no token_type_ids
         indent=2) + "\n")
-    return tok.token_to_id(eos) if eos else None
+    return {key: None if names[key] is None else tok.token_to_id(names[key]) for key in ("eos", "bos", "pad")}

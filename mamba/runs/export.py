@@ -10,13 +10,14 @@ import json
 import logging
 import os
 import shutil
-import tempfile
+import stat
 from pathlib import Path
 
 import torch
 
 from mamba.config.schema import TrainConfig
 from mamba.data.tokenizer import write_tokenizer_files
+from mamba.files import temp_dir_beside
 from mamba.model.hf import hf_config, hf_state_dict, mixer_kind
 from mamba.model.lm import MambaLMHeadModel
 from mamba.runs.checkpoints import model_with_weights
@@ -45,13 +46,19 @@ def export_hf(model: MambaLMHeadModel, out_dir: str, tokenizer_path: str | None 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty directory; choose a new output directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    tmp = temp_dir_beside(out)  # not mkdtemp: its 0700 would keep the export from teammates
     try:
-        eos_id = None
+        config = hf_config(model)
         if tokenizer_path is not None:
-            eos_id = write_tokenizer_files(Path(tokenizer_path), tmp)
-        (tmp / "config.json").write_text(json.dumps(hf_config(model, eos_id), indent=2) + "\n")
-        save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            ids = write_tokenizer_files(Path(tokenizer_path), tmp)
+            # The model's special ids are the tokenizer's (hf_config would set all three to EOS).
+            config.update(bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        weights = tmp / "model.safetensors"
+        save_file(hf_state_dict(model), str(weights), metadata={"format": "pt"})
+        # safetensors writes through a 0600 temporary file: give the weights the mode the umask
+        # gives files, read off the directory mkdir just made (0777 & ~umask).
+        weights.chmod(stat.S_IMODE(tmp.stat().st_mode) & 0o666)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

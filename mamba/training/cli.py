@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from mamba.config import ConfigError
 from mamba.config.load import load_config
+from mamba.data.errors import DataError
 from mamba.known_warnings import quiet_known_warnings
 from mamba.training.rank_process import die_with_launcher, report_failure
 
@@ -30,15 +32,17 @@ def main(argv: list[str]) -> None:
         trainer = train(cfg)
     except BaseException as err:
         release_held()  # a failed launch leaves the save folder free (run_lock.py)
-        # A config error (also the rules that need the world size or the device) or a refused save
-        # folder says what to do: no traceback. Any error is named with its rank, after the one
-        # another rank raised first (rank_process.py).
-        clear = isinstance(err, (ConfigError, RunLocked))
+        # A config error (also the rules that need the world size or the device), a data error or
+        # a refused save folder says what to do: one line, no traceback (MAMBA_DEBUG=1 shows it).
+        # Any error is named with its rank, after the one another rank raised first (rank_process.py).
+        clear = isinstance(err, (ConfigError, DataError, RunLocked)) and not os.environ.get("MAMBA_DEBUG")
         if isinstance(err, ConfigError):
             summary = f"config error: {err}"
+        elif isinstance(err, DataError):
+            summary = f"data error: {err}"
         else:
-            summary = str(err) if clear else f"{type(err).__name__}: {err}"
-        line = report_failure(err, summary)
+            summary = str(err) if isinstance(err, RunLocked) else f"{type(err).__name__}: {err}"
+        line = report_failure(err, summary, found_here=clear)
         if clear:
             sys.exit(line or summary)
         if line:

@@ -107,8 +107,9 @@ def _sweep_finished_launches(keep: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def report_failure(err: BaseException, summary: str) -> str | None:
-    """On a launched rank: print the earlier error of another rank of this launch, if any, first;
+def report_failure(err: BaseException, summary: str, found_here: bool = False) -> str | None:
+    """On a launched rank: print the earlier error of another rank of this launch, if any, first
+    (unless this rank `found_here` its own config or data error, which needs no other cause);
     record this rank's error for the ranks that fail after it. Returns "rank N: <summary>" for the
     caller to print (None in a single process, or for an exit that is no error: SystemExit from
     SIGTERM, Ctrl-C)."""
@@ -126,7 +127,7 @@ def report_failure(err: BaseException, summary: str) -> str | None:
             earlier += [p for p in folder.glob("rank*") if p.name != f"rank{rank}" and p.stat().st_mtime >= started]
         except OSError:
             pass
-    if earlier:
+    if earlier and not found_here:
         first = min(earlier, key=lambda p: p.stat().st_mtime_ns).read_text().strip()
         print(f"{first}\n(rank {rank} fails because of it; its own error follows)", file=sys.stderr, flush=True)
     if not isinstance(err, Exception):

@@ -1,7 +1,9 @@
 """`tools/pack.py inspect`: summary, a decoded window with boundaries and loss marks, --verify."""
 import json
+import signal
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +80,37 @@ def test_cli(tmp_path):
     run = subprocess.run([sys.executable, "tools/pack.py", "inspect", str(out), "--verify"], cwd=REPO,
                          capture_output=True, text=True)
     assert run.returncode == 1 and "Traceback" not in run.stderr
+
+
+def test_cli_window_prints_only_the_window(tmp_path):
+    out = _packed(tmp_path)
+    window = subprocess.run([sys.executable, "tools/pack.py", "inspect", str(out), "--window", "0", "--seq-len", "20"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert window.returncode == 0 and window.stdout.startswith("window 0 = tokens [0, 20)")
+    assert "dataset" not in window.stdout and "documents" not in window.stdout
+    summary = subprocess.run([sys.executable, "tools/pack.py", "inspect", str(out)], cwd=REPO, capture_output=True,
+                             text=True)
+    assert summary.stdout.startswith(f"dataset {out}\n") and "⟦doc⟧" not in summary.stdout
+
+
+def test_cli_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`inspect ... | head -1`: the reader stops after one line of ~1 MB of decoded stdlib text."""
+    stdlib = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:20]
+    pack(stdlib, tmp_path / "o", tokenizer="byte")
+    proc = subprocess.Popen([sys.executable, "tools/pack.py", "inspect", str(tmp_path / "o"), "--window", "0",
+                             "--seq-len", "1000000"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"window 0 = tokens [0, ")
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    # Ended by SIGPIPE, as `yes | head -1` is (the shell shows 141), or exit 0; no traceback.
+    assert proc.wait() in (0, -signal.SIGPIPE) and err == ""
+
+
+def test_missing_directory_is_named_as_such(tmp_path):
+    missing = subprocess.run([sys.executable, "tools/pack.py", "inspect", str(tmp_path / "nope")], cwd=REPO,
+                             capture_output=True, text=True)
+    assert missing.returncode == 1 and f"{tmp_path / 'nope'}: no such directory" in missing.stderr
+    assert "index.json" not in missing.stderr.split(";")[0] and "Traceback" not in missing.stderr
+    empty = subprocess.run([sys.executable, "tools/pack.py", "inspect", str(tmp_path)], cwd=REPO,
+                           capture_output=True, text=True)
+    assert empty.returncode == 1 and f"{tmp_path / 'index.json'}: missing" in empty.stderr

@@ -1,7 +1,9 @@
 """Packing real text (CPython standard-library sources) and reading every document back exactly."""
 import hashlib
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -14,6 +16,7 @@ from mamba import layout
 from mamba.data import pack as pack_module
 from mamba.data.dataset import PackedSource
 from mamba.data.pack import pack
+from mamba.data.progress import PackMeter
 from mamba.data.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -133,13 +136,14 @@ def bad_inputs(tmp_path):
 
 @pytest.mark.parametrize("tokenizer", ["byte", "bpe:300"])
 def test_bad_input_fails_naming_file_and_leaves_nothing(bad_inputs, tmp_path, tokenizer):
-    out = tmp_path / "out"
+    out = tmp_path / "new" / "out"
     with pytest.raises(ValueError, match=r"latin1\.txt: not valid UTF-8"):
         pack([bad_inputs], out, tokenizer=tokenizer)
-    assert os.listdir(out) == []  # no shards, no tokenizer.json, no temp files
+    assert not (tmp_path / "new").exists()  # not even the directories the run made
+    out.mkdir(parents=True)  # one that was there before stays, empty
     with pytest.raises(ValueError, match=r"model\.py: binary"):
         pack([bad_inputs / "sub" / "model.py"], out, tokenizer=tokenizer)
-    assert os.listdir(out) == []
+    assert os.listdir(out) == []  # no shards, no tokenizer.json, no temp files
 
 
 def test_bad_input_skip_is_reported(bad_inputs, tmp_path):
@@ -233,6 +237,34 @@ def test_cli_runs_from_repo_root(stdlib_files, tmp_path):
     bad = subprocess.run([sys.executable, "tools/pack.py", "--tokenizer", "byte", "--out", str(tmp_path / "o"),
                           str(stdlib_files[0])], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 1 and "already holds" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_meter_follows_every_chunk_to_the_totals(stdlib_files, tmp_path):
+    """Unthrottled (interval 0), a plain stream gets a line per chunk of ~50 kB: the share, inputs
+    and bytes done only grow, and the meter ends with every input and the run's exact token count."""
+    stream = io.StringIO()
+    meter = PackMeter(stream, interval=0)
+    manifest = pack(stdlib_files, tmp_path / "o", tokenizer="byte", chunk_bytes=50_000, meter=meter,
+                    progress=meter.message)
+    lines = stream.getvalue().splitlines()
+    done = [re.match(r"tokenizing \(1 worker\) +\d+%: ([\d.]+)(k?)B/", line).groups()
+            for line in lines if line.startswith("tokenizing")]
+    progress = [float(value) * (1000 if k else 1) for value, k in done]
+    assert len(progress) > 8 and progress == sorted(progress)
+    assert meter.tokens == manifest["total_tokens"] and meter.done[1] == sum(p.stat().st_size for p in stdlib_files)
+    assert sum(line.startswith("wrote ") for line in lines) == len(manifest["shards"])
+    assert not any(line.startswith("training") for line in lines)  # the byte tokenizer is not trained
+
+
+def test_meter_counts_inputs_where_sizes_are_unknown(stdlib_files, tmp_path):
+    """A HF dataset directory has no one size to count bytes against: progress is in inputs."""
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": [p.read_text() for p in stdlib_files[:5]]}).save_to_disk(str(tmp_path / "ds"))
+    stream = io.StringIO()
+    pack([tmp_path / "ds", *stdlib_files[5:8]], tmp_path / "o", tokenizer="byte", meter=PackMeter(stream, interval=0))
+    lines = [line for line in stream.getvalue().splitlines() if line.startswith("tokenizing")]
+    assert lines[0] == "tokenizing (1 worker)   0%: 0/4 inputs, 0 tokens"
+    assert lines[-1].startswith("tokenizing (1 worker) 100%: 4/4 inputs, ")
 
 
 def _shard_bytes(out: Path) -> dict:

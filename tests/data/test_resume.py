@@ -11,6 +11,7 @@ from composer.utils import reproducibility
 
 from mamba.config.schema import DataConfig
 from mamba.data.dataset import PackedSource, decode_windows
+from mamba.data.errors import DataError
 from mamba.data.loader import MixtureStream, build_eval_dataloader, build_train_dataloader
 from mamba.data.pack import pack
 from mamba.model.composer_model import ComposerMambaLM
@@ -125,12 +126,15 @@ def test_eval_loader_one_deterministic_pass(dirs):
 
 def test_build_checks_name_the_source(dirs, tmp_path):
     cfg = DataConfig(sources=[{"path": str(dirs[0])}, {"path": str(tmp_path / "nope")}], seq_len=SEQ, num_workers=0)
-    with pytest.raises(FileNotFoundError, match=r"data.sources\[1\].path: .*nope/index.json: missing"):
+    with pytest.raises(DataError, match=r"data.sources\[1\].path: .*/nope: no such directory; give a packed"):
+        build_train_dataloader(cfg, 2, 258, seed=0)
+    (tmp_path / "nope").mkdir()  # there, but not a packed dataset
+    with pytest.raises(DataError, match=r"data.sources\[1\].path: .*nope/index.json: missing"):
         build_train_dataloader(cfg, 2, 258, seed=0)
     cfg.sources = [{"path": str(dirs[1])}]
-    with pytest.raises(ValueError, match=r"data.sources\[0\].path: .*shard_00000.npy: holds token id 256.*vocab_size is 200"):
+    with pytest.raises(DataError, match=r"data.sources\[0\].path: .*shard_00000.npy: holds token id 256.*vocab_size is 200"):
         build_train_dataloader(cfg, 2, 200, seed=0)
-    with pytest.raises(ValueError, match=r"seq_len \+ 1 = 100001"):
+    with pytest.raises(DataError, match=r"seq_len \+ 1 = 100001"):
         build_train_dataloader(DataConfig(sources=cfg.sources, seq_len=100_000), 2, 258, seed=0)
     # data.verify re-hashes the shards: a flipped bit that keeps every size is caught.
     small = tmp_path / "small"
@@ -142,18 +146,18 @@ def test_build_checks_name_the_source(dirs, tmp_path):
     cfg.sources = [{"path": str(small)}]
     build_train_dataloader(cfg, 2, 258, seed=0)
     cfg.verify = True
-    with pytest.raises(ValueError, match=r"small/shard_00000.npy: sha256 .* differs"):
+    with pytest.raises(DataError, match=r"small/shard_00000.npy: sha256 .* differs"):
         build_train_dataloader(cfg, 2, 258, seed=0)
     cfg.verify = False
     cfg.sources, cfg.fim_rate = [{"path": str(d)} for d in dirs], 0.5  # sentinels 300..302
-    with pytest.raises(ValueError, match=r"data.sources\[0\].path: FIM sentinel ids \(300, 301, 302\).*vocab_size=258"):
+    with pytest.raises(DataError, match=r"data.sources\[0\].path: FIM sentinel ids \(300, 301, 302\).*vocab_size=258"):
         build_train_dataloader(cfg, 2, 258, seed=0)
     build_train_dataloader(cfg, 2, 303, seed=0)
     cfg.fim_rate = 0.0
     other = tmp_path / "bpe"
     pack([STDLIB / "json"], other, tokenizer="bpe:300")
     cfg.sources = [{"path": str(dirs[1])}, {"path": str(other)}]
-    with pytest.raises(ValueError, match=r"data.sources\[1\].path=.*bpe was packed with tokenizer"):
+    with pytest.raises(DataError, match=r"data.sources\[1\].path=.*bpe was packed with tokenizer"):
         build_train_dataloader(cfg, 2, 400, seed=0)
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from mamba import layout
 from mamba.data.pack import pack
-from mamba.data.tokenizer import load_tokenizer
+from mamba.data.tokenizer import load_tokenizer, write_tokenizer_files
 
 TEXTS = [p.read_text(encoding="utf-8") for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40:4]]
 
@@ -72,6 +72,18 @@ def llama_unigram(path: Path) -> Path:
     return path
 
 
+def _hf_special_ids(tok_path: Path, tmp_path: Path) -> tuple[dict, tuple]:
+    """write_tokenizer_files' ids for config.json, and (eos, bos, pad, unk) ids as AutoTokenizer
+    reads them from the files a HF export ships."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    ids = write_tokenizer_files(tok_path, out)
+    hf = AutoTokenizer.from_pretrained(out)
+    return ids, (hf.eos_token_id, hf.bos_token_id, hf.pad_token_id, hf.unk_token_id)
+
+
 def _pack_and_check(tok_path: Path, tmp_path: Path, top_text: str, add_bos=False):
     docs = TEXTS[:3] + [f"tail {top_text} end\n"]
     for i, text in enumerate(docs):
@@ -101,6 +113,8 @@ def test_byte_level_bpe_full_size(tmp_path, size, specials, eos_id):
     assert ids.max() == size - 1 and m["shards"][-1]["max_token_id"] == size - 1  # the top id survives 16 bits
     if size == 50_280:
         assert m["special_tokens"]["pad"] == 1
+        # GPT-NeoX's files: its own pad; no BOS and no unknown token (byte level), so EOS there.
+        assert _hf_special_ids(path, tmp_path) == ({"eos": 0, "bos": 0, "pad": 1}, (0, 0, 1, 0))
 
 
 def test_sentencepiece_llama_32000(tmp_path):
@@ -110,6 +124,8 @@ def test_sentencepiece_llama_32000(tmp_path):
     assert (tok.vocab_size, m["special_tokens"]) == (32_000, {"eos": 2, "bos": 1})
     assert ids[0] == 1 and 31_999 in ids  # BOS first; the last piece is used
     assert any(3 <= i < 259 for i in ids)  # byte fallback pieces for characters not in the vocabulary
+    # Llama's files: its own <s> and <unk> (Unigram's unk_id); no pad token, so EOS there.
+    assert _hf_special_ids(path, tmp_path) == ({"eos": 2, "bos": 1, "pad": 2}, (2, 1, 2, 0))
 
 
 def test_vocab_limit_and_missing_bos(tmp_path):

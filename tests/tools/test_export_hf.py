@@ -5,7 +5,9 @@ The exported directory must load in HF transformers (model and tokenizer) and gi
 model's logits (float32, |diff| <= 1e-5 * (1 + max|logits|)), or exactly its weights.
 """
 import importlib.util
+import os
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -88,10 +90,32 @@ def test_export_from_save_folder_loads_in_transformers(trained):
     tok = AutoTokenizer.from_pretrained(out)
     text = "def main():\n    return 0\n"
     ids = torch.tensor([tok(text)["input_ids"]])
-    assert tok.decode(ids[0]) == text and tok.eos_token == "<|endoftext|>"
+    assert tok.decode(ids[0]) == text
+    # The bpe:N tokenizer's own specials (ids 0, 1, 2), in the tokenizer and the model config
+    # alike; a byte-level BPE has no unknown token, so unk falls back to EOS as GPT-2's does.
+    assert (tok.eos_token, tok.bos_token, tok.pad_token, tok.unk_token) == (
+        "<|endoftext|>", "<|bos|>", "<|pad|>", "<|endoftext|>")
+    assert (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id) == (0, 1, 2)
+    assert (hf.config.eos_token_id, hf.config.bos_token_id, hf.config.pad_token_id) == (0, 1, 2)
     with torch.no_grad():
         ours, ref = model(ids), hf(ids).logits
     assert (ours - ref).abs().max().item() <= 1e-5 * (1 + ref.abs().max().item())
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_export_follows_the_umask(trained, tmp_path, umask):
+    """A teammate reads an export as any file its owner makes: the directory and its files get
+    the umask's permissions (not a temporary directory's 0700)."""
+    _, save_folder, _ = trained
+    out = tmp_path / "hf"
+    previous = os.umask(umask)
+    try:
+        assert export_tool.main([str(save_folder), str(out)]) == 0
+    finally:
+        os.umask(previous)
+    assert len(list(out.iterdir())) == 5
+    for p in [out, *out.iterdir()]:
+        assert stat.S_IMODE(p.stat().st_mode) == (0o777 if p.is_dir() else 0o666) & ~umask, p
 
 
 def test_checkpoint_resolution_and_weights_roundtrip(trained):

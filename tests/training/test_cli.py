@@ -62,20 +62,53 @@ def test_a_finished_run_leaves_no_process_group(tmp_path):
     assert not torch.distributed.is_initialized()
 
 
-def test_progress_in_a_log_file_is_one_plain_line_per_interval(tmp_path):
-    """stderr is a pipe here, as in a Slurm log: no progress bar's carriage returns, one line per
-    logging.log_interval (2 batches) plus the first and the last, each with loss, lr and rate."""
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> Path:
+    """12 stdlib modules packed with a 300-entry BPE."""
+    out = tmp_path_factory.mktemp("cli") / "packed"
     stdlib = Path(sys.modules["os"].__file__).parent
-    pack = subprocess.run([sys.executable, "tools/pack.py", "--tokenizer", "bpe:300", "--out", str(tmp_path / "packed"),
+    pack = subprocess.run([sys.executable, "tools/pack.py", "--tokenizer", "bpe:300", "--out", str(out),
                            *map(str, sorted(stdlib.glob("*.py"))[:12])], cwd=REPO, capture_output=True, text=True)
     assert pack.returncode == 0, pack.stderr[-3000:]
-    run = subprocess.run(
-        [sys.executable, "mamba/train.py", str(REPO / "config.yaml"), "run_name=lines",
-         f"data.sources=[{{path: '{tmp_path / 'packed'}'}}]", "data.seq_len=32", "model.d_model=32", "model.n_layer=2",
+    return out
+
+
+def train_tiny(data: Path, tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python mamba/train.py` of a 2-layer model on `data`, its stderr a pipe (as in a log file)."""
+    return subprocess.run(
+        [sys.executable, "mamba/train.py", str(REPO / "config.yaml"), "run_name=tiny",
+         f"data.sources=[{{path: '{data}'}}]", "data.seq_len=32", "model.d_model=32", "model.n_layer=2",
          "model.vocab_size=300", "trainer.global_batch_size=2", "trainer.micro_batch_size=2", "trainer.max_duration=5ba",
-         "trainer.save_interval=5ba", "trainer.device=cpu", "logging.progress_bar=true", "logging.log_interval=2ba",
-         f"trainer.save_folder={tmp_path / 'ckpt'}", "scheduler.t_warmup=1ba", "logging.metrics_file=null"],
+         "trainer.save_interval=5ba", "trainer.device=cpu", f"trainer.save_folder={tmp_path / 'ckpt'}",
+         "scheduler.t_warmup=1ba", "logging.metrics_file=null", *overrides],
         cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("where,vocab,message", [
+    ("missing", 300, "{data}: no such directory; give a packed dataset directory"),
+    ("empty", 300, "{data}/index.json: missing"),
+    ("packed", 200, "{data}/shard_00000.npy: holds token id 299, but the model's vocab_size is 200"),
+])
+def test_a_data_error_is_one_line_without_a_traceback(packed, tmp_path, where, vocab, message):
+    data = {"missing": tmp_path / "nope", "empty": tmp_path, "packed": packed}[where]
+    run = train_tiny(data, tmp_path / "run", f"model.vocab_size={vocab}")
+    assert run.returncode != 0
+    assert f"data error: data.sources[0].path: {message.format(data=data)}" in run.stderr, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+
+
+def test_mamba_debug_shows_the_traceback_of_a_data_error(tmp_path):
+    run = subprocess.run([sys.executable, "mamba/train.py", str(REPO / "config.yaml"),
+                          f"data.sources=[{{path: '{tmp_path / 'nope'}'}}]", "trainer.device=cpu",
+                          f"trainer.save_folder={tmp_path / 'ckpt'}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "MAMBA_DEBUG": "1"})
+    assert run.returncode != 0 and "Traceback" in run.stderr and "DataError" in run.stderr, run.stderr[-3000:]
+
+
+def test_progress_in_a_log_file_is_one_plain_line_per_interval(packed, tmp_path):
+    """stderr is a pipe here, as in a Slurm log: no progress bar's carriage returns, one line per
+    logging.log_interval (2 batches) plus the first and the last, each with loss, lr and rate."""
+    run = train_tiny(packed, tmp_path, "logging.progress_bar=true", "logging.log_interval=2ba")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "\r" not in run.stderr and "\x1b[" not in run.stderr, "progress bar debris in a log file"
     for known in ("FSDP2 Config/APIs are experimental", "TypedStorage is deprecated"):  # mamba/known_warnings.py

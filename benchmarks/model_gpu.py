@@ -5,6 +5,7 @@ a bare loop, which is also how mamba-ssm's users time their models.
 
     python benchmarks/model_gpu.py [--shapes 130m 370m] [--layers mamba1 mamba2] [--seq 2048]
                                    [--micro-batch 8] [--steps 20] [--warmup 5] [--doc-len 1024]
+                                   [--json FILE]   # also append each row as a JSON line (GPU proof)
     python benchmarks/model_gpu.py --smoke      # a tiny shape for 2 steps on any device (CPU too)
 
 Rows per shape and mixer:
@@ -23,6 +24,7 @@ peak (mamba/device_peaks.py), memory = torch.cuda.max_memory_allocated.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -38,8 +40,9 @@ from mamba.model.ops.kernels import cuda_kernels_available  # noqa: E402
 from mamba.device_peaks import gpu_peak_flops  # noqa: E402
 
 VOCAB = 50277  # GPT-NeoX's tokenizer, the state-spaces checkpoints' (padded to 50280)
-# (d_model, n_layer) of state-spaces/mamba-130m, -370m and mamba2-130m, -370m (their config.json).
-SHAPES = {"130m": (768, 24), "370m": (1024, 48), "smoke": (128, 2)}
+# (d_model, n_layer) of state-spaces/mamba-130m, -370m, -1.4b and mamba2-130m, -370m, -1.3b
+# (their config.json).
+SHAPES = {"130m": (768, 24), "370m": (1024, 48), "1.4b": (2048, 48), "smoke": (128, 2)}
 # The mixers' own settings in those checkpoints: Mamba-1 d_state 16; Mamba-2 d_state 128, headdim 64.
 MIXER = {"mamba1": {"d_state": 16}, "mamba2": {"d_state": 128, "headdim": 64}}
 
@@ -119,6 +122,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--doc-len", type=int, default=1024, help="mean document length of the packed rows")
     parser.add_argument("--smoke", action="store_true", help="shape 'smoke', seq 256, batch 2, 2 steps")
+    parser.add_argument("--json", type=Path, help="append each row to this file as a JSON line")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # ops/kernels.py says which path runs
     if args.smoke:
@@ -136,6 +140,12 @@ def main() -> None:
     print("ours runs on mamba-ssm's kernels" if on_kernels else f"ours runs on the torch ops ({why or 'no GPU'})")
     print(f"seq {args.seq}, micro batch {args.micro_batch}, {args.steps} timed steps after {args.warmup}; "
           f"{int((positions == 0).sum())} document starts in the documents rows\n")
+
+    def emit(**row):  # the same row for benchmarks/gpu/prove.sh, written as soon as it is measured
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps({"seq": args.seq, "micro_batch": args.micro_batch, "device": name, **row}) + "\n")
+
     print("| shape | mixer | impl | tokens/s | MFU | peak GiB | vs mamba-ssm |")
     print("|---|---|---|---|---|---|---|")
     for shape in args.shapes:
@@ -154,12 +164,27 @@ def main() -> None:
             for impl, candidate, loss_of in rows:
                 if isinstance(candidate, str):
                     print(f"| {shape} | {layer} | {impl} | skipped: {candidate} | | | |")
+                    emit(shape=shape, mixer=layer, impl=impl, skipped=candidate)
                     continue
-                seconds, mem = time_training(candidate, loss_of, args.steps, args.warmup, device)
+                error = None
+                try:
+                    seconds, mem = time_training(candidate, loss_of, args.steps, args.warmup, device)
+                except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:  # one row's failure, not the table's
+                    error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+                if error:  # out of the except block, so the traceback no longer holds the GPU's tensors
+                    print(f"| {shape} | {layer} | {impl} | failed: {error} | | | |", flush=True)
+                    emit(shape=shape, mixer=layer, impl=impl, skipped=f"failed: {error}")
+                    candidate.to("cpu")
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
                 results[impl] = tokens = args.micro_batch * args.seq / seconds
                 mfu = f"{tokens * per_token / peak:.1%}" if peak else "-"
                 ratio = f"{tokens / results['mamba-ssm']:.2f}x" if "mamba-ssm" in results else "-"
                 print(f"| {shape} | {layer} | {impl} | {tokens:,.0f} | {mfu} | {mem:.1f} | {ratio} |", flush=True)
+                emit(shape=shape, mixer=layer, impl=impl, tokens_per_s=tokens, kernels=on_kernels,
+                     mfu=tokens * per_token / peak if peak else None, peak_gib=mem if mem == mem else None,
+                     vs_mamba_ssm=tokens / results["mamba-ssm"] if impl != "mamba-ssm" and "mamba-ssm" in results else None)
 
 
 if __name__ == "__main__":

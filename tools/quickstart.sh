@@ -4,20 +4,24 @@
 #   bash tools/quickstart.sh [--torch pinned|current]
 # Re-running reuses the venv and the packed data (pack is skipped when its index.json exists) and
 # autoresume continues from the last checkpoint; delete runs/quickstart/ to start over.
+# For its test (tests/tools/test_quickstart.py), the environment may shrink it:
+#   QUICKSTART_OUT (default runs/quickstart), QUICKSTART_INPUT (default the whole standard library),
+#   QUICKSTART_STEPS (default the planner's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=runs/quickstart
+out=${QUICKSTART_OUT:-runs/quickstart}
 
 # The pinned stack's .venv/ by default; `--torch current` for the current one (README "Stacks").
 venv=$(bash tools/install.sh "$@")
 
-stdlib=$($venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+input=${QUICKSTART_INPUT:-$($venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')}
 if [ ! -f "$out/packed/index.json" ]; then
-  $venv/bin/python tools/pack.py --tokenizer bpe:8192 --on-bad-input skip --exclude site-packages --out "$out/packed" "$stdlib"
+  $venv/bin/python tools/pack.py --tokenizer bpe:8192 --on-bad-input skip --exclude site-packages --out "$out/packed" "$input"
 fi
 
 $venv/bin/python create_mamba_config.py --preset tiny --data "$out/packed" --out "$out/tiny.yaml" \
-  --run-name quickstart "trainer.save_folder=$out/checkpoints" "logging.metrics_file=$out/metrics.jsonl"
+  --run-name quickstart "trainer.save_folder=$out/checkpoints" "logging.metrics_file=$out/metrics.jsonl" \
+  ${QUICKSTART_STEPS:+"trainer.max_duration=${QUICKSTART_STEPS}ba" scheduler.t_warmup=1ba}
 
 # One thread per rank: two ranks on two cores oversubscribe OpenMP otherwise (about 4x slower).
 # A finished run (its export is written last) is not launched again: a re-run only shows the sample.

@@ -34,7 +34,7 @@ def work(tmp_path_factory) -> Path:
     for args in (["tools/pack.py", "--tokenizer", "bpe:512", "--out", str(work / "packed"), *map(str, sources)],
                  ["create_mamba_config.py", "--preset", "tiny", "--data", str(work / "packed"), "--out",
                   str(work / "tiny.yaml"), "model.d_model=64", "model.n_layer=2", "data.seq_len=1024",
-                  "trainer.global_batch_size=4", "trainer.micro_batch_size=4", "scheduler.t_warmup=2ba",
+                  "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "scheduler.t_warmup=2ba",
                   f"trainer.max_duration={BATCHES}ba", "trainer.save_interval=4ba", "logging.progress_bar=false",
                   "logging.log_interval=1ba", f"trainer.save_folder={work}/{{run_name}}/ckpt",
                   f"logging.metrics_file={work}/{{run_name}}/metrics.jsonl"]):

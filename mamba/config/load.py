@@ -258,6 +258,19 @@ def _split(duration: str) -> tuple[float, str]:
     return float(number), unit
 
 
+def per_rank_batch(cfg: TrainConfig, world_size: int) -> int:
+    """trainer.global_batch_size / world_size; fails unless it is micro x accumulation x ranks.
+    The rule both training (mamba/training/parallel.py) and create_mamba_config.py's plan check."""
+    t = cfg.trainer
+    if t.global_batch_size % (t.micro_batch_size * world_size) != 0:
+        raise ConfigError(
+            f"trainer.global_batch_size={t.global_batch_size} must be a multiple of "
+            f"trainer.micro_batch_size={t.micro_batch_size} x {world_size} ranks "
+            f"= {t.micro_batch_size * world_size}; change global_batch_size or micro_batch_size"
+        )
+    return t.global_batch_size // world_size
+
+
 def duration_in_batches(duration: str, cfg: TrainConfig) -> int:
     """A duration of the validated `cfg` as optimizer steps: samples and tokens through the global
     batch (rounded up: the step that reaches them), "Xdur" as that share of max_duration."""

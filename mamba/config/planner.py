@@ -65,8 +65,7 @@ from dataclasses import dataclass
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from mamba.config.errors import ConfigError
-from mamba.config.load import duration_in_batches
+from mamba.config.load import duration_in_batches, per_rank_batch
 from mamba.device_peaks import gpu_peak_flops
 from mamba.model.factory import build_model
 from mamba.model.ops.kernels import cuda_kernels_available
@@ -307,10 +306,7 @@ def describe(cfg, size: ModelSize, mem: MemoryModel, *, ranks: int, peak_tflops:
              flops_per_token: int) -> Plan:
     """The plan a validated config (overrides and all) actually holds, read back from it."""
     t, f = cfg.trainer, cfg.fsdp
-    if t.global_batch_size % (t.micro_batch_size * ranks):  # the rule training checks (training/parallel.py)
-        raise ConfigError(f"trainer.global_batch_size={t.global_batch_size} must be a multiple of "
-                          f"trainer.micro_batch_size={t.micro_batch_size} x {ranks} ranks "
-                          f"= {t.micro_batch_size * ranks}; change global_batch_size or micro_batch_size")
+    per_rank_batch(cfg, ranks)  # the rule training checks
     steps = duration_in_batches(t.max_duration, cfg)
     tokens = steps * t.global_batch_size * cfg.data.seq_len
     return Plan(

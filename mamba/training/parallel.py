@@ -49,6 +49,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from mamba.capabilities import gloo_averaging
 from mamba.config.errors import ConfigError
+from mamba.config.load import per_rank_batch
 from mamba.config.schema import FSDPConfig, TrainConfig
 from mamba.model.block import Block
 from mamba.model.lm import MambaLMHeadModel
@@ -57,16 +58,10 @@ from mamba.model.lm import MambaLMHeadModel
 def check_world_size(cfg: TrainConfig, world_size: int) -> int:
     """Per-rank batch for `world_size` ranks; fails unless global = micro x accumulation x ranks
     and, under HYBRID_SHARD, the shard groups split the ranks evenly."""
-    t = cfg.trainer
-    if t.global_batch_size % (t.micro_batch_size * world_size) != 0:
-        raise ConfigError(
-            f"trainer.global_batch_size={t.global_batch_size} must be a multiple of "
-            f"trainer.micro_batch_size={t.micro_batch_size} x {world_size} ranks "
-            f"= {t.micro_batch_size * world_size}; change global_batch_size or micro_batch_size"
-        )
+    per_rank = per_rank_batch(cfg, world_size)
     if cfg.fsdp.sharding_strategy == "HYBRID_SHARD":
         shard_group_size(cfg.fsdp, world_size, dist.get_local_world_size())
-    return t.global_batch_size // world_size
+    return per_rank
 
 
 def shard_group_size(cfg: FSDPConfig, world_size: int, local_world_size: int) -> int:

@@ -133,6 +133,11 @@ def build(args: argparse.Namespace) -> tuple[TrainConfig, str, list[str]]:
     # (keys that share no rule with the derived ones, so they validate before those exist).
     base = load_config(recipe, overrides_of(args.overrides, "model", "data", "trainer.precision",
                                             "fsdp.mixed_precision"))
+    if base.model.vocab_size < data_vocab:  # the --vocab-size check above cannot see an override
+        raise ConfigError(
+            f"model.vocab_size={base.model.vocab_size} is below the data's {data_vocab}-token vocabulary "
+            f"(the tokenizer in its index.json); the model must embed every id the tokenizer gives: "
+            f"drop the override or set model.vocab_size >= {data_vocab}")
     size = planner.measure_model(base.model)
     mem = planner.memory_model(base, size, "cpu" if cpu else "gpu")
     seq_len, flops = base.data.seq_len, flops_of(base)

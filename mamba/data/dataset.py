@@ -97,19 +97,30 @@ class PackedSource:
         return state
 
     def check_vocab(self, vocab_size: int) -> None:
-        """Raise naming the shard if it holds a token id >= vocab_size (the model's embedding rows).
+        """Raise unless vocab_size (the model's embedding rows) covers the data and its tokenizer.
 
-        Uses each shard's max_token_id from the manifest, so it costs nothing even on terabytes;
-        verify() is what proves the manifest matches the shard bytes.
+        First each shard's max_token_id (naming the shard), then the tokenizer's whole vocabulary:
+        data whose largest id happens to fit would still leave the model unable to embed ids the
+        same tokenizer gives other text (evaluation, generation, more data packed later). Both come
+        from the manifest, so this costs nothing even on terabytes; verify() is what proves the
+        manifest matches the shard bytes.
         """
+        tok = self.tokenizer
         for path, shard in zip(self.shard_paths, self.index["shards"]):
             if shard["max_token_id"] >= vocab_size:
-                tok = self.tokenizer
                 raise ValueError(
                     f"{path}: holds token id {shard['max_token_id']}, but the model's vocab_size is "
                     f"{vocab_size}; the data was packed with tokenizer {tok.get('name')!r} of "
                     f"{tok.get('vocab_size')} entries, so set vocab_size >= {tok.get('vocab_size')} or repack"
                 )
+        if tok.get("vocab_size") is not None and vocab_size < tok["vocab_size"]:
+            largest = max(s["max_token_id"] for s in self.index["shards"])
+            raise ValueError(
+                f"{self.data_dir / INDEX_NAME}: the data was packed with tokenizer {tok.get('name')!r} of "
+                f"{tok['vocab_size']} entries, but the model's vocab_size is {vocab_size} (the largest id in "
+                f"this data is {largest}, yet the tokenizer can give any id below {tok['vocab_size']}); "
+                f"set model.vocab_size >= {tok['vocab_size']} or repack with a smaller tokenizer"
+            )
 
     def fim_sentinels(self) -> tuple[int, int, int]:
         """(prefix, middle, suffix) sentinel ids from the manifest; raises naming what is missing."""

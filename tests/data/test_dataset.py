@@ -111,6 +111,19 @@ def test_check_vocab(tmp_path):
         ds.check_vocab(300)
 
 
+def test_check_vocab_covers_the_whole_tokenizer(small):
+    """Ids 1..23 fit a 24-row embedding, but the byte tokenizer they were packed with has 258
+    entries: the model must embed all of them."""
+    ds = PackedSource(small[0], seq_len=4)
+    ds.check_vocab(258)
+    with pytest.raises(ValueError, match=r"index\.json: the data was packed with tokenizer 'byte' of 258 entries, "
+                                         r"but the model's vocab_size is 257 \(the largest id in this data is 23.*"
+                                         r"set model\.vocab_size >= 258"):
+        ds.check_vocab(257)
+    with pytest.raises(ValueError, match="vocab_size is 24 "):
+        ds.check_vocab(24)
+
+
 def test_verify_and_corrupt_word(small):
     data_dir = small[0]
     PackedSource(data_dir, seq_len=4).verify()

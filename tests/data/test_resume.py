@@ -108,7 +108,7 @@ def test_workers_reassemble_the_same_order(dirs):
 def test_eval_loader_one_deterministic_pass(dirs):
     cfg = DataConfig(sources=[{"path": str(dirs[0])}], seq_len=SEQ, num_workers=0,
                      eval_sources=[{"path": str(d), "weight": w} for d, w in zip(dirs, (2, 1))])
-    loader = build_eval_dataloader(cfg, batch_size=5, vocab_size=258).dataloader
+    loader = build_eval_dataloader(cfg, batch_size=5, vocab_size=262).dataloader
     first, second = list(loader), list(loader)
     assert all(torch.equal(a["words"], b["words"]) for a, b in zip(first, second))
     n0, n1 = (len(PackedSource(d, SEQ)) for d in dirs)
@@ -121,21 +121,26 @@ def test_eval_loader_one_deterministic_pass(dirs):
     json0, mime0 = (decode_windows(PackedSource(d, SEQ).read(np.arange(3)))["input_ids"] for d in dirs)
     expected = torch.stack([json0[0], mime0[0], json0[1], json0[2], mime0[1]])
     assert torch.equal(decode_windows(first[0]["words"])["input_ids"], expected)
-    assert build_eval_dataloader(DataConfig(sources=cfg.sources), 5, 258) is None
+    assert build_eval_dataloader(DataConfig(sources=cfg.sources), 5, 262) is None
 
 
 def test_build_checks_name_the_source(dirs, tmp_path):
     cfg = DataConfig(sources=[{"path": str(dirs[0])}, {"path": str(tmp_path / "nope")}], seq_len=SEQ, num_workers=0)
     with pytest.raises(DataError, match=r"data.sources\[1\].path: .*/nope: no such directory; give a packed"):
-        build_train_dataloader(cfg, 2, 258, seed=0)
+        build_train_dataloader(cfg, 2, 262, seed=0)
     (tmp_path / "nope").mkdir()  # there, but not a packed dataset
     with pytest.raises(DataError, match=r"data.sources\[1\].path: .*nope/index.json: missing"):
-        build_train_dataloader(cfg, 2, 258, seed=0)
+        build_train_dataloader(cfg, 2, 262, seed=0)
     cfg.sources = [{"path": str(dirs[1])}]
     with pytest.raises(DataError, match=r"data.sources\[0\].path: .*shard_00000.npy: holds token id 256.*vocab_size is 200"):
         build_train_dataloader(cfg, 2, 200, seed=0)
+    # The data's ids (< 257) fit 260 rows, but its byte tokenizer has 262 entries.
+    with pytest.raises(DataError, match=r"data.sources\[0\].path: .*mime/index.json: the data was packed with "
+                                        r"tokenizer 'byte' of 262 entries, but the model's vocab_size is 260 "
+                                        r"\(the largest id in this data is 256"):
+        build_train_dataloader(cfg, 2, 260, seed=0)
     with pytest.raises(DataError, match=r"seq_len \+ 1 = 100001"):
-        build_train_dataloader(DataConfig(sources=cfg.sources, seq_len=100_000), 2, 258, seed=0)
+        build_train_dataloader(DataConfig(sources=cfg.sources, seq_len=100_000), 2, 262, seed=0)
     # data.verify re-hashes the shards: a flipped bit that keeps every size is caught.
     small = tmp_path / "small"
     pack([STDLIB / "json" / "tool.py"], small)
@@ -144,14 +149,14 @@ def test_build_checks_name_the_source(dirs, tmp_path):
     data[-2] ^= 1
     shard.write_bytes(bytes(data))
     cfg.sources = [{"path": str(small)}]
-    build_train_dataloader(cfg, 2, 258, seed=0)
+    build_train_dataloader(cfg, 2, 262, seed=0)
     cfg.verify = True
     with pytest.raises(DataError, match=r"small/shard_00000.npy: sha256 .* differs"):
-        build_train_dataloader(cfg, 2, 258, seed=0)
+        build_train_dataloader(cfg, 2, 262, seed=0)
     cfg.verify = False
     cfg.sources, cfg.fim_rate = [{"path": str(d)} for d in dirs], 0.5  # sentinels 300..302
-    with pytest.raises(DataError, match=r"data.sources\[0\].path: FIM sentinel ids \(300, 301, 302\).*vocab_size=258"):
-        build_train_dataloader(cfg, 2, 258, seed=0)
+    with pytest.raises(DataError, match=r"data.sources\[0\].path: FIM sentinel ids \(300, 301, 302\).*vocab_size=262"):
+        build_train_dataloader(cfg, 2, 262, seed=0)
     build_train_dataloader(cfg, 2, 303, seed=0)
     cfg.fim_rate = 0.0
     other = tmp_path / "bpe"
@@ -176,9 +181,9 @@ class RecordBatches(Callback):
 
 def fit(dirs, tmp_path: Path, duration: str, load_path: str | None = None) -> tuple[RecordBatches, Trainer, list]:
     reproducibility.seed_all(3)
-    model = ComposerMambaLM(MambaLMHeadModel(MambaConfig(d_model=32, n_layer=1, vocab_size=258)))
+    model = ComposerMambaLM(MambaLMHeadModel(MambaConfig(d_model=32, n_layer=1, vocab_size=262)))
     cfg = DataConfig(sources=[{"path": str(d), "weight": w} for d, w in zip(dirs, (3, 1))], seq_len=SEQ, num_workers=0)
-    loader = build_train_dataloader(cfg, batch_size=4, vocab_size=258, seed=3)
+    loader = build_train_dataloader(cfg, batch_size=4, vocab_size=262, seed=3)
     read = []  # global samples the stream was asked for: proves nothing before the resume point
     original = loader.dataloader.dataset.batch
 

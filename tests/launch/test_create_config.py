@@ -275,6 +275,21 @@ def test_planning_without_data(tmp_path):
     assert load_config(tmp_path / "t.yaml").model.vocab_size == 512
 
 
+def test_a_vocabulary_below_the_datas_is_refused(packed, tmp_path):
+    """The data was packed with a 512-entry BPE: neither --vocab-size nor an override may shrink
+    the model's embedding below it, even though the ids found in the data may all fit."""
+    config = tmp_path / "c.yaml"
+    for args, message in [
+            (["--vocab-size", "300"], "the data uses a 512-token vocabulary but the model embeds only 300"),
+            (["model.vocab_size=300"], "model.vocab_size=300 is below the data's 512-token vocabulary")]:
+        proc = run("create_mamba_config.py", "--preset", "tiny", "--data", str(packed), "--out", str(config), *args,
+                   ok=False)
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not config.exists()
+    run("create_mamba_config.py", "--preset", "tiny", "--data", str(packed), "--out", str(config), "model.vocab_size=520")
+    assert load_config(config).model.vocab_size == 520
+
+
 def test_a_misspelled_override_is_named_as_the_command_lines(packed, tmp_path):
     config = tmp_path / "c.yaml"
     proc = run("create_mamba_config.py", "--preset", "tiny", "--data", str(packed), "--out", str(config),

@@ -6,12 +6,16 @@
     python tools/pack.py inspect data/mycorpus [--window 3 --seq-len 512] [--verify]
 
 --tokenizer: "byte", "bpe:N" (trained on the inputs, saved in --out) or a HF tokenizer.json (or a
-directory holding one). Inputs: text/source files and directories (searched recursively; --include
-and --exclude choose names), .jsonl (--text-field, else text/content/body, else chat `messages`),
-.parquet, HF datasets saved with save_to_disk, hf:NAME[:SPLIT]; any of the files .gz or .zst.
+directory holding one; a tokenizer_config.json there names its BOS and EOS). Inputs:
+text/source/config/markup files and directories (searched recursively; --include and --exclude
+choose names), .jsonl (--text-field, else text/content/body, else chat `messages`), .parquet and
+Arrow .arrow/.feather (a string column: --text-field, else text/content/body), .pdf (one document
+per file, needs pypdf), HF datasets saved with save_to_disk, hf:NAME[:SPLIT]; text, JSONL and PDF
+files may be .gz or .zst.
 A bad input (unreadable, binary, not UTF-8, empty, a record without text) stops the run unless
 --on-bad-input skip, which lists it in index.json. An interrupted run, re-run with the same
-arguments, resumes after the last finished shard; a failed one leaves nothing behind.
+arguments, resumes after the last finished shard, and so does one stopped by a full disk once space
+is freed; any other failure leaves nothing behind.
 """
 import argparse
 import importlib.util
@@ -26,7 +30,7 @@ if importlib.util.find_spec("mamba") is None:  # run from a checkout without ins
 
 from mamba.data.pack import DEFAULT_INCLUDE, DEFAULT_SHARD_TOKENS, POLICIES, pack  # noqa: E402
 from mamba.data.progress import PackMeter  # noqa: E402
-from mamba.data.shards import PROGRESS_NAME  # noqa: E402
+from mamba.data.shards import PROGRESS_NAME, disk_full  # noqa: E402
 
 SKIPPED_NAMES = 3  # inputs named per reason in the skipped summary; index.json lists them all
 
@@ -45,16 +49,17 @@ def inspect_main(argv) -> int:
     # a BrokenPipeError traceback.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
+        # Verified first: a bad shard is reported by name, not by the summary failing to read it.
+        problems = inspect.verify(args.dir) if args.verify else []
+        for p in problems:
+            print(f"FAILED {p}")
+        if problems:
+            return 1
         if args.window is None:
             print(inspect.summary(args.dir, args.top))
         else:
             print(inspect.render_window(args.dir, args.window, args.seq_len))
         if args.verify:
-            problems = inspect.verify(args.dir)
-            for p in problems:
-                print(f"FAILED {p}")
-            if problems:
-                return 1
             print("verify: every shard matches its size and sha256 in index.json")
     except (ValueError, OSError) as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")
@@ -78,7 +83,7 @@ def main(argv=None) -> int:
                              "default: common text, source and record extensions; '*' for every file)")
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                         help="file or directory names not to enter, e.g. site-packages (repeatable)")
-    parser.add_argument("--text-field", help="JSONL/Parquet/dataset field with the text (default: text, content, body)")
+    parser.add_argument("--text-field", help="JSONL/Parquet/Arrow/dataset field with the text (default: text, content, body)")
     parser.add_argument("--eos", help="name of the EOS token in a tokenizer.json that lacks a usual one")
     parser.add_argument("--bos", action="store_true", help="start every document with the BOS token (no loss on it)")
     parser.add_argument("--no-eos", action="store_true", help="do not end documents with EOS")
@@ -100,7 +105,10 @@ def main(argv=None) -> int:
             add_bos=args.bos, add_eos=not args.no_eos, val_fraction=args.val_fraction, seed=args.seed,
         )
     except (ValueError, OSError) as e:  # bad input, tokenizer or output dir: the message says which
-        parser.exit(1, f"{parser.prog}: error: {e}\n")
+        kept = disk_full(e) and (Path(args.out) / PROGRESS_NAME).is_file()
+        parser.exit(1, f"{parser.prog}: error: {e}" + (
+            f"; the disk is full: what is finished is kept in {args.out}, free space there and run the "
+            f"same command again to resume" if kept else "") + "\n")
     except KeyboardInterrupt:
         kept = (Path(args.out) / PROGRESS_NAME).is_file()
         parser.exit(130, f"{parser.prog}: interrupted; " + (

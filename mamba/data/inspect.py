@@ -27,6 +27,14 @@ def _tokenizer(data_dir: Path, manifest: dict):
     return load_tokenizer(str(path))
 
 
+def _shard(data_dir: Path, entry: dict) -> np.ndarray:
+    """A shard's words as a read-only memmap, its header and size checked first: a truncated file
+    is then refused naming the shard, not by numpy's "mmap length is greater than file size"."""
+    path = data_dir / entry["file"]
+    check_shard_file(path, entry["tokens"])
+    return np.load(path, mmap_mode="r")
+
+
 def summary(data_dir: str | Path, top: int = 10) -> str:
     """Totals from the manifest plus statistics computed from every shard, one shard at a time:
     distinct ids, most frequent ids (decoded), document lengths, share of tokens with the loss bit."""
@@ -38,7 +46,7 @@ def summary(data_dir: str | Path, top: int = 10) -> str:
     trained = 0
     starts, total = [], 0
     for s in m["shards"]:
-        words = np.load(data_dir / s["file"], mmap_mode="r")
+        words = _shard(data_dir, s)
         ids, positions, loss = layout.decode(np.asarray(words))
         hist += np.bincount(ids, minlength=len(hist))
         trained += int(loss.sum())
@@ -74,7 +82,7 @@ def read_words(data_dir: Path, manifest: dict, start: int, count: int) -> np.nda
     for s in manifest["shards"]:
         lo, hi = max(start, offset), min(start + count, offset + s["tokens"])
         if lo < hi:
-            out.append(np.load(data_dir / s["file"], mmap_mode="r")[lo - offset:hi - offset])
+            out.append(_shard(data_dir, s)[lo - offset:hi - offset])
         offset += s["tokens"]
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int32)
 

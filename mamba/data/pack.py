@@ -36,11 +36,11 @@ import numpy as np
 
 from mamba import layout
 from mamba.data import readers
-from mamba.data.manifest import TOKENIZER_NAME, sha256_file, write_index
+from mamba.data.manifest import INDEX_NAME, TOKENIZER_NAME, sha256_file, write_index
 from mamba.data.progress import PackMeter
 from mamba.data.readers import DEFAULT_INCLUDE, BadInputError, collect_inputs
-from mamba.data.shards import (DEFAULT_SHARD_TOKENS, SPLITS, Journal, SplitOutput, discard_output, missing_dirs,
-                               prepare_out_dir, run_fingerprint)
+from mamba.data.shards import (DEFAULT_SHARD_TOKENS, SPLITS, Journal, SplitOutput, discard_output, disk_full,
+                               missing_dirs, naming, prepare_out_dir, run_fingerprint)
 from mamba.data.tokenizer import SPECIAL_CANDIDATES, load_tokenizer
 from mamba.files import write_atomic
 
@@ -76,9 +76,10 @@ def pack(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, tokeni
     the reading and tokenizing are (pass its `message` as progress, so lines and meter do not mix).
 
     A failure (an exception: bad input, bad option, ...) removes everything the run wrote, and the
-    output directory and its parents if the run made them; so does an interrupt (Ctrl-C) before
-    the journal recorded anything. An interrupted run that journaled shards (or its trained
-    tokenizer) keeps them, like a killed one, and a re-run with the same arguments resumes there.
+    output directory and its parents if the run made them; so does an interrupt (Ctrl-C) or a full
+    disk (shards.disk_full) before the journal recorded anything. An interrupted or disk-full run
+    that journaled shards (or its trained tokenizer) keeps them, like a killed one, and a re-run
+    with the same arguments resumes there.
     """
     _check_options(on_bad_input, val_fraction, workers)
     # The plan: inputs, output directories, and what a resumed run must share with this one.
@@ -87,7 +88,9 @@ def pack(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, tokeni
     dirs = {s: out / s for s in SPLITS} if val_fraction > 0 else {"train": out}
     # Loaded before out_dir is prepared, since a tokenizer.json may be read from there.
     tok = None if tokenizer.startswith("bpe:") else load_tokenizer(tokenizer, eos=eos)
-    options = {"tokenizer": tokenizer, "tokenizer_sha256": tok and tok.identity["sha256"], "shard_tokens": shard_tokens,
+    # special_tokens: a tokenizer_config.json edited between runs changes the BOS / EOS ids.
+    options = {"tokenizer": tokenizer, "tokenizer_sha256": tok and tok.identity["sha256"],
+               "special_tokens": tok and tok.special_tokens, "shard_tokens": shard_tokens,
                "on_bad_input": on_bad_input, "eos": eos, "text_field": text_field, "add_bos": add_bos,
                "add_eos": add_eos, "val_fraction": val_fraction, "seed": seed, "chunk_bytes": chunk_bytes}
     fingerprint = run_fingerprint(sources, options)
@@ -120,9 +123,9 @@ def pack(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, tokeni
     except BaseException as e:
         if meter:
             meter.close()
-        # A failure leaves nothing behind; an interrupt (Ctrl-C) after the journal recorded
-        # something, like a killed run, keeps the journal and shards so a re-run resumes.
-        if isinstance(e, Exception) or not journal.path.is_file():
+        # A failure leaves nothing behind; an interrupt (Ctrl-C) or a full disk after the journal
+        # recorded something, like a killed run, keeps the journal and shards so a re-run resumes.
+        if not journal.path.is_file() or (isinstance(e, Exception) and not disk_full(e)):
             discard_output(out, list(dirs.values()), created)
         raise
 
@@ -171,7 +174,8 @@ def _copy_tokenizer(tok, dirs: Iterable[Path]) -> None:
     source = _tokenizer_file(tok)
     for d in dirs:
         if source is not None and source != (d / TOKENIZER_NAME).resolve():
-            write_atomic(d / TOKENIZER_NAME, lambda f: f.write(tok.json_bytes))
+            with naming(d / TOKENIZER_NAME):
+                write_atomic(d / TOKENIZER_NAME, lambda f: f.write(tok.json_bytes))
 
 
 def _document_encoder(tok, spec: str, add_bos: bool, add_eos: bool) -> ChunkEncoder:
@@ -234,8 +238,9 @@ def _write_manifests(outputs: dict[str, SplitOutput], fingerprint: dict, tok, sk
         sources = [{"path": fingerprint["inputs"][k][0], "bytes": fingerprint["inputs"][k][1], "documents": d,
                     "tokens": t} for k, (d, t) in sorted(output.counts.items())]
         extra = {"bos": add_bos, "eos": add_eos, **({"split": split} if len(outputs) > 1 else {})}
-        manifests[split] = write_index(output.writer.out_dir, shards, tok.identity, tok.eos_id, sources, skipped,
-                                       unmatched, special_tokens=tok.special_tokens, **extra)
+        with naming(output.writer.out_dir / INDEX_NAME):
+            manifests[split] = write_index(output.writer.out_dir, shards, tok.identity, tok.eos_id, sources,
+                                           skipped, unmatched, special_tokens=tok.special_tokens, **extra)
     return manifests
 
 

@@ -14,13 +14,18 @@ chunk that completes a shard, the Journal rewrites `.pack_progress.json` in the 
 
 A resumed run re-reads the chunks before the earliest cursor without tokenizing them, skips the
 words of each cursor's chunk already in shards, and continues the shard numbering.
+
+A full disk (or quota) is raised as a WriteError naming the file; pack keeps the finished shards and
+the journal then, so the same command resumes once space is freed.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -31,6 +36,31 @@ from mamba.files import write_atomic, write_json_atomic
 DEFAULT_SHARD_TOKENS = 1 << 24  # 64 MiB of int32 per shard
 PROGRESS_NAME = ".pack_progress.json"  # the resume journal; removed when packing completes
 SPLITS = ("train", "val")  # subdirectories written with a validation fraction
+
+
+class WriteError(OSError):
+    """An OSError while writing `filename`, which the original did not name."""
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror} (errno {errno.errorcode.get(self.errno, self.errno)})"
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` says the output filesystem is out of space or quota: freeing some is enough to
+    go on, so what is finished stays for a re-run to resume."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Raise an OSError without a file name (write() and fsync() on a full disk) as a WriteError
+    naming `path`."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise WriteError(e.errno, e.strerror, str(path)) from e
 
 
 class ShardWriter:
@@ -71,7 +101,15 @@ class ShardWriter:
     def _write(self, words: np.ndarray) -> None:
         name = SHARD_NAME.format(len(self.shards))
         path = self.out_dir / name
-        write_atomic(path, lambda f: np.save(f, words, allow_pickle=False))
+
+        def write(f):
+            # np.save's bytes, but written by Python's write(): np.save's tofile() reports a full
+            # disk as "N requested and M written", without the errno.
+            np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(words))
+            f.write(memoryview(np.ascontiguousarray(words)))
+
+        with naming(path):
+            write_atomic(path, write)
         ids, positions, _ = layout.decode(words)
         self.shards.append({
             "file": name,
@@ -154,7 +192,8 @@ class Journal:
         self.path.unlink(missing_ok=True)
 
     def _save(self) -> None:
-        write_json_atomic(self.path, self.state, indent=None)
+        with naming(self.path):
+            write_json_atomic(self.path, self.state, indent=None)
 
 
 def run_fingerprint(sources: list[str], options: dict) -> dict:
@@ -219,7 +258,8 @@ def missing_dirs(path: Path) -> list[Path]:
 def discard_output(out: Path, split_dirs: list[Path], created: list[Path] = ()) -> None:
     """After a failure: remove the shards, tokenizer.json files and journal written so far, split
     directories left empty, and the directories of `created` (missing_dirs before the run) left
-    empty. A killed run never gets here, so it keeps its journal and shards for a re-run to resume."""
+    empty. A killed run never gets here, and pack does not call it after an interrupt or a full
+    disk once the journal exists, so those keep their journal and shards for a re-run to resume."""
     for d in split_dirs:
         for p in d.glob("shard_*.npy"):
             p.unlink()

@@ -114,3 +114,19 @@ def test_missing_directory_is_named_as_such(tmp_path):
     empty = subprocess.run([sys.executable, "tools/pack.py", "inspect", str(tmp_path)], cwd=REPO,
                            capture_output=True, text=True)
     assert empty.returncode == 1 and f"{tmp_path / 'index.json'}: missing" in empty.stderr
+
+
+def test_cli_names_a_truncated_shard(tmp_path):
+    """numpy alone says "mmap length is greater than file size"; the user must learn which shard."""
+    out = _packed(tmp_path)
+    shard = out / "shard_00001.npy"
+    shard.write_bytes(shard.read_bytes()[:-4])
+    expected = f"{shard}: file is {shard.stat().st_size} bytes, but 20 tokens need {shard.stat().st_size + 4}; " \
+               f"the shard is truncated"
+    run = subprocess.run([sys.executable, "tools/pack.py", "inspect", str(out), "--verify"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and f"FAILED {expected}" in run.stdout and "Traceback" not in run.stderr, run
+    for extra in ([], ["--window", "1", "--seq-len", "20"]):
+        run = subprocess.run([sys.executable, "tools/pack.py", "inspect", str(out), *extra], cwd=REPO,
+                             capture_output=True, text=True)
+        assert run.returncode == 1 and f"pack.py inspect: error: {expected}" in run.stderr, run

@@ -370,3 +370,27 @@ def test_killed_run_resumes_to_identical_output(stdlib_files, tmp_path):
     assert resumed["shards"] == reference["shards"] and resumed["sources"] == reference["sources"]
     assert resumed["val_manifest"]["sources"] == reference["val_manifest"]["sources"]
     assert sorted(os.listdir(out)) == ["train", "val"]  # the journal is gone
+
+
+def test_cli_packs_arrow_and_config_files_and_names_a_damaged_one(stdlib_files, tmp_path):
+    """A directory as users keep one: Arrow files of text rows, a config file, and an Arrow file
+    cut short; the run stops naming the damaged file, and with skip packs the rest and says so."""
+    pa = pytest.importorskip("pyarrow")
+    texts = [p.read_text() for p in stdlib_files[:4]]
+    table = pa.table({"id": list(range(4)), "body": texts})
+    (tmp_path / "d").mkdir()
+    with pa.ipc.new_file(tmp_path / "d" / "rows.arrow", table.schema) as w:
+        w.write_table(table, max_chunksize=1)
+    data = (tmp_path / "d" / "rows.arrow").read_bytes()
+    (tmp_path / "d" / "torn.arrow").write_bytes(data[: len(data) // 2])
+    (tmp_path / "d" / "config.yaml").write_bytes((REPO / "config.yaml").read_bytes())
+    cmd = [sys.executable, "tools/pack.py", "--tokenizer", "byte", "--quiet", str(tmp_path / "d")]
+    bad = subprocess.run([*cmd, "--out", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert f"{tmp_path / 'd' / 'torn.arrow'}: not a readable Arrow IPC file" in bad.stderr
+    ok = subprocess.run([*cmd, "--out", str(tmp_path / "o"), "--on-bad-input", "skip"], cwd=REPO,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "packed 5 documents" in ok.stdout and f"1 not a readable Arrow IPC file: {tmp_path / 'd' / 'torn.arrow'}" in ok.stdout
+    manifest = json.loads((tmp_path / "o" / "index.json").read_text())
+    assert [(Path(s["path"]).name, s["documents"]) for s in manifest["sources"]] == [("config.yaml", 1), ("rows.arrow", 4)]

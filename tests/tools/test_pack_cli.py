@@ -4,6 +4,7 @@ permissions of what it writes."""
 import json
 import os
 import pty
+import re
 import signal
 import stat
 import subprocess
@@ -171,3 +172,46 @@ def test_packed_files_follow_the_umask(tmp_path, umask):
     assert {p.name for p in paths} >= {"train", "val", "index.json", "tokenizer.json", "shard_00000.npy"}
     for p in paths:
         assert stat.S_IMODE(p.stat().st_mode) == (0o777 if p.is_dir() else 0o666) & ~umask, p
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 17 MiB tmpfs: a real filesystem that fills up, mounted for the test (needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill needs root")
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=17m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_keeps_what_is_finished_and_the_re_run_resumes(small_fs, tmp_path):
+    """~4.8M byte tokens in 2 MB shards: the first 4 MiB chunk's 8 shards (16 MB) are written and
+    journaled, a shard of the second chunk no longer fits in 17 MiB. After space is freed (the
+    tmpfs grown), the same command resumes and ends with the bytes of an uninterrupted run."""
+    args = ["--tokenizer", "byte", "--shard-tokens", 500_000, *sorted(STDLIB.glob("*.py"))]
+    out = small_fs / "packed"
+    run = pack_cli("--out", out, *args)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    error = run.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"pack\.py: error: {re.escape(str(out))}/shard_000\d\d\.npy: No space left on device "
+                        rf"\(errno ENOSPC\); the disk is full: what is finished is kept in {re.escape(str(out))}, "
+                        rf"free space there and run the same command again to resume", error), error
+    journal = json.loads((out / ".pack_progress.json").read_text())
+    kept = journal["writers"]["train"]["shards"]
+    assert len(kept) >= 1 and sorted(p.name for p in out.glob("shard_*.npy"))[:len(kept)] == [s["file"] for s in kept]
+    assert not (out / "index.json").exists() and not list(out.glob(".*.tmp*"))  # no half-written file left
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
+    again = pack_cli("--out", out, *args)
+    assert again.returncode == 0 and again.stderr.startswith(f"resuming {out}: {len(kept)} shards already written")
+    reference = tmp_path / "reference"
+    assert pack_cli("--out", reference, "--quiet", *args).returncode == 0
+    files = sorted(p.name for p in reference.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == files and len(files) > len(kept) + 1
+    assert all((out / name).read_bytes() == (reference / name).read_bytes() for name in files)

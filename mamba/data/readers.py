@@ -7,10 +7,15 @@ assistant). Supported inputs, by the name with any .gz / .zst suffix removed:
     *.jsonl, *.ndjson   one JSON object per line: the field named by text_field, else the first of
                         text / content / body, else `messages: [{role, content}]` as a chat
     *.parquet           a string column: text_field, else the first of text / content / body
+    *.arrow, *.feather  an Arrow IPC file (file or stream format, as pyarrow and `datasets` write
+                        them): one document per row of a string column, chosen as for Parquet
+    *.pdf               one document: the text of its pages in order (needs `pypdf`)
     a directory with dataset_info.json or state.json: a HF `datasets` dataset saved with
                         save_to_disk; rows are read like JSONL records
     hf:NAME[:SPLIT]     a HF hub dataset by name (needs network; SPLIT defaults to train)
-    anything else       one UTF-8 text file = one document
+    anything else       one UTF-8 text file = one document: text, source code, and config or
+                        markup files kept as written (a .json file is one document, not records);
+                        with strip_html, *.html / *.htm / *.xhtml become their text without tags
 
 Bad inputs raise BadInputError naming the file (and line or row) and the reason; the engine
 either stops or, with the skip policy, lists them in the manifest.
@@ -19,9 +24,11 @@ from __future__ import annotations
 
 import fnmatch
 import gzip
+import html.parser
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -35,7 +42,8 @@ Segments = list  # [(text: str, trained: bool), ...]
 # Names taken from input directories unless include patterns are given: text, source code and the
 # record formats above (a .gz / .zst suffix is ignored when matching).
 DEFAULT_INCLUDE = tuple(f"*.{ext}" for ext in (
-    "txt md rst tex org adoc csv tsv json jsonl ndjson parquet yaml yml toml ini cfg xml html htm css "
+    "txt md rst tex org adoc csv tsv json jsonl ndjson parquet arrow feather yaml yml toml ini cfg conf "
+    "xml html htm xhtml css "
     "py pyi pyx ipynb c h cc cpp cxx hh hpp cu cuh rs go java kt scala js jsx ts tsx mjs "
     "rb php pl pm lua r jl hs ml swift m mm cs fs zig dart el clj ex exs erl sql sh bash zsh "
     "ps1 bat cmake make mk proto graphql vue svelte"
@@ -86,6 +94,11 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], include: Iterable[str] =
         elif path.is_dir():
             for root, dirs, names in os.walk(path):
                 dirs[:] = sorted(d for d in dirs if not any(fnmatch.fnmatch(d, g) for g in exclude))
+                # A saved HF dataset met on the walk is one input too: its .arrow and .json files
+                # are its rows and metadata, not documents of their own.
+                datasets = [d for d in dirs if is_hf_dataset_dir(Path(root) / d)]
+                found.update(str(Path(root) / d) for d in datasets)
+                dirs[:] = [d for d in dirs if d not in datasets]
                 for name in names:
                     if any(fnmatch.fnmatch(name, g) for g in exclude):
                         continue
@@ -188,6 +201,32 @@ def _jsonl(path: Path, text_field) -> Iterator:
             yield e
 
 
+def _text_column(path: Path, schema, text_field) -> str:
+    """The string column holding the text (Parquet, Arrow): text_field, else the first of TEXT_FIELDS."""
+    import pyarrow as pa
+
+    names = schema.names
+    column = text_field or next((f for f in TEXT_FIELDS if f in names), None)
+    if column not in names:
+        raise BadInputError(path, f"no text column {column or TEXT_FIELDS} (columns: {names}); choose one with --text-field")
+    kind = schema.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise BadInputError(path, f"column {column!r} holds {kind}, not strings; choose one with --text-field")
+    return column
+
+
+def _column_rows(path: Path, column: str, batches) -> Iterator:
+    """One document per row of `column` in the record batches (each holding that column first)."""
+    row = 0
+    for batch in batches:
+        for text in batch.column(0).to_pylist():
+            if not isinstance(text, str) or not text:
+                yield BadInputError(f"{path}:row {row}", f"column {column!r} is empty or not a string")
+            else:
+                yield [(text, True)]
+            row += 1
+
+
 def _parquet(path: Path, text_field) -> Iterator:
     try:
         import pyarrow.parquet as pq
@@ -197,18 +236,106 @@ def _parquet(path: Path, text_field) -> Iterator:
         pf = pq.ParquetFile(path)
     except Exception as e:
         raise BadInputError(path, f"not a readable Parquet file ({e})") from None
-    names = pf.schema_arrow.names
-    column = text_field or next((f for f in TEXT_FIELDS if f in names), None)
-    if column not in names:
-        raise BadInputError(path, f"no text column {column or TEXT_FIELDS} (columns: {names}); choose one with --text-field")
-    row = 0
-    for batch in pf.iter_batches(columns=[column]):
-        for text in batch.column(0).to_pylist():
-            if not isinstance(text, str) or not text:
-                yield BadInputError(f"{path}:row {row}", f"column {column!r} is empty or not a string")
-            else:
-                yield [(text, True)]
-            row += 1
+    column = _text_column(path, pf.schema_arrow, text_field)
+    yield from _column_rows(path, column, pf.iter_batches(columns=[column]))
+
+
+def _arrow(path: Path, text_field) -> Iterator:
+    """An Arrow IPC file, random-access (pyarrow, Feather v2) or stream format (`datasets`), read one
+    record batch at a time from a memory map: large files are never read whole."""
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise _missing("pyarrow", f"{path}") from None
+    try:
+        source = pa.memory_map(str(path))
+    except Exception as e:  # OSError: missing, unreadable
+        raise BadInputError(path, f"cannot be read ({type(e).__name__}: {e})") from None
+    with source:
+        try:
+            reader = pa.ipc.open_file(source)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        except pa.ArrowInvalid:
+            try:
+                source.seek(0)
+                reader = batches = pa.ipc.open_stream(source)
+            except Exception as e:
+                raise BadInputError(path, f"not a readable Arrow IPC file ({e})") from None
+        column = _text_column(path, reader.schema, text_field)
+        try:
+            yield from _column_rows(path, column, (b.select([column]) for b in batches))
+        except (pa.ArrowException, OSError) as e:  # a batch cut short or damaged after a readable header
+            raise BadInputError(path, f"not a readable Arrow IPC file ({e})") from None
+
+
+class _HTMLText(html.parser.HTMLParser):
+    """The text of an HTML page as a browser lays it out: character data outside <script> and
+    <style>, white space collapsed outside <pre>, a line break where a block element starts or ends
+    so that paragraphs and cells do not run together."""
+
+    BLOCKS = {"p", "div", "br", "li", "tr", "td", "th", "h1", "h2", "h3", "h4", "h5", "h6", "pre",
+              "table", "ul", "ol", "dl", "dt", "dd", "blockquote", "section", "article", "header",
+              "footer", "nav", "hr", "title"}
+    HIDDEN = ("script", "style")
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts, self.depth = [], {"hidden": 0, "pre": 0}
+
+    def _count(self, tag, step):
+        kind = "hidden" if tag in self.HIDDEN else "pre" if tag == "pre" else None
+        if kind:
+            self.depth[kind] = max(0, self.depth[kind] + step)
+        if tag in self.BLOCKS:
+            self.parts.append("\n")
+
+    def handle_starttag(self, tag, attrs):
+        self._count(tag, 1)
+
+    def handle_endtag(self, tag):
+        self._count(tag, -1)
+
+    def handle_data(self, data):
+        if self.depth["hidden"]:
+            return
+        if not self.depth["pre"]:
+            data = re.sub(r"[ \t\r\n\f]+", " ", data)
+            if not self.parts or self.parts[-1].endswith("\n"):
+                data = data.lstrip(" ")
+        self.parts.append(data)
+
+
+def strip_html_tags(text: str) -> str:
+    """The text of an HTML document without tags, entities decoded (a no-break space, layout in
+    HTML, becomes a space), runs of blank lines made one."""
+    parser = _HTMLText()
+    parser.feed(text)
+    parser.close()
+    lines = [line.rstrip() for line in "".join(parser.parts).replace("\xa0", " ").split("\n")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip("\n") + "\n"
+
+
+def _pdf(path: Path) -> Segments:
+    """The text of every page, in page order, as one document (so the file is read whole, as a
+    text file is; a .pdf.gz too)."""
+    try:
+        import pypdf
+    except ImportError:
+        raise _missing("pypdf", f"{path}") from None
+    try:
+        pdf = pypdf.PdfReader(io.BytesIO(read_bytes(path)))
+        # Many PDFs are encrypted only to set permissions, with an empty user password: readable.
+        if pdf.is_encrypted and not pdf.decrypt(""):
+            raise BadInputError(path, "encrypted PDF with a password (decrypt it first: qpdf --decrypt)")
+        pages = [page.extract_text() for page in pdf.pages]
+    except BadInputError:
+        raise
+    except Exception as e:  # pypdf.errors.PdfReadError and the parser's errors on a damaged file
+        raise BadInputError(path, f"not a readable PDF ({type(e).__name__}: {e})") from None
+    text = "\n".join(page.strip("\n") for page in pages if page.strip())
+    if not text:
+        raise BadInputError(path, f"no text in its {len(pages)} pages (scanned images? run OCR first)")
+    return [(text + "\n", True)]
 
 
 def _hf_rows(spec: str, text_field) -> Iterator:
@@ -230,10 +357,11 @@ def _hf_rows(spec: str, text_field) -> Iterator:
             yield e
 
 
-def iter_source(source: str, text_field: str | None = None) -> Iterator:
+def iter_source(source: str, text_field: str | None = None, strip_html: bool = False) -> Iterator:
     """Yield each document of one input as segments, or a BadInputError for a bad record.
 
     Raises BadInputError when the whole input is bad (unreadable, binary, not UTF-8, empty).
+    strip_html: an .html / .htm / .xhtml file is its text without tags (else its markup, as written).
     """
     path = Path(source)
     if source.startswith("hf:") or is_hf_dataset_dir(path):
@@ -244,5 +372,14 @@ def iter_source(source: str, text_field: str | None = None) -> Iterator:
         yield from _jsonl(path, text_field)
     elif name.endswith(".parquet"):
         yield from _parquet(path, text_field)
+    elif name.endswith((".arrow", ".feather")):
+        yield from _arrow(path, text_field)
+    elif name.endswith(".pdf"):
+        yield _pdf(path)
     else:
-        yield [(decode_text(read_bytes(path), path), True)]
+        text = decode_text(read_bytes(path), path)
+        if strip_html and name.endswith((".html", ".htm", ".xhtml")):
+            text = strip_html_tags(text)
+            if not text.strip():
+                raise BadInputError(path, "no text outside the HTML tags", empty=True)
+        yield [(text, True)]

@@ -5,7 +5,9 @@ Three kinds, chosen by a spec string:
     "byte"          built in: ids 0..255 are the UTF-8 bytes, then the special tokens below
     "bpe:N"         train a byte-level BPE of N entries on the input texts (HF `tokenizers`) and
                     save it as save_dir/tokenizer.json
-    path            a HF tokenizer.json, or a directory holding one
+    path            a HF tokenizer.json, or a directory holding one; a tokenizer_config.json beside
+                    it names the BOS and EOS tokens (bos_token, eos_token), else the usual names
+                    in SPECIAL_CANDIDATES are looked for
 
 Every tokenizer offers encode_batch(texts) -> list of id lists, decode(ids) -> str, vocab_size,
 eos_id and identity (a dict recorded in the packed dataset's index.json, so a checkpoint can be
@@ -28,6 +30,7 @@ from typing import Iterable
 from mamba import layout
 from mamba.files import write_atomic
 
+CONFIG_NAME = "tokenizer_config.json"  # HF's file naming a tokenizer's special tokens
 EOS_TOKEN = "<|endoftext|>"
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>")
 # Names tried, in order, to find each special token of a tokenizer.json; the manifest records the
@@ -94,7 +97,7 @@ class HFTokenizer:
     happens to contain "<|endoftext|>" does not end its document early.
     """
 
-    def __init__(self, path: Path, kind: str, name: str, eos: str | None = None):
+    def __init__(self, path: Path, kind: str, name: str, eos: str | None = None, declared: dict | None = None):
         from tokenizers import Tokenizer
 
         self.path = path
@@ -108,6 +111,13 @@ class HFTokenizer:
         # Ids can have holes, so the size that matters is the largest id + 1.
         self.vocab_size = max(self._tok.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
         _check_vocab_size(self.vocab_size, str(path))
+        # declared: {"bos"/"eos": name} from tokenizer_config.json (declared_specials); --eos wins.
+        declared = dict(declared or {})
+        for key, token in declared.items():
+            if token not in vocab:
+                raise ValueError(f"{path.parent / CONFIG_NAME}: {key}_token {token!r} is not in the vocabulary of "
+                                 f"{path}; correct it there (or remove the key to use the usual names)")
+        eos = eos if eos is not None else declared.get("eos")
         names = (eos,) if eos is not None else EOS_CANDIDATES
         found = [n for n in names if n in vocab]
         if not found:
@@ -119,7 +129,7 @@ class HFTokenizer:
         # Each special found by its usual names (the EOS as chosen above).
         self.special_tokens = {"eos": self.eos_id}
         for key, candidates in SPECIAL_CANDIDATES.items():
-            hit = next((n for n in candidates if n in vocab), None)
+            hit = declared.get(key) or next((n for n in candidates if n in vocab), None)
             if key != "eos" and hit is not None:
                 self.special_tokens[key] = vocab[hit]
         self.bos_id = self.special_tokens.get("bos")
@@ -137,6 +147,26 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
+
+
+def declared_specials(config: Path) -> dict[str, str]:
+    """{"bos"/"eos": token name} as tokenizer_config.json `config` declares them ({} without the
+    file); a value may be a string or an AddedToken dict ({"content": ...}), null means none."""
+    if not config.is_file():
+        return {}
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config}: not a readable tokenizer_config.json ({e})") from None
+    declared = {}
+    for key in ("bos", "eos"):
+        value = data.get(f"{key}_token") if isinstance(data, dict) else None
+        token = value.get("content") if isinstance(value, dict) else value
+        if token is not None and not isinstance(token, str):
+            raise ValueError(f"{config}: {key}_token must be a token name (or {{\"content\": name}}), got {value!r}")
+        if token:
+            declared[key] = token
+    return declared
 
 
 def train_bpe(vocab_size: int, texts: Iterable[str], save_path: Path) -> None:
@@ -195,7 +225,8 @@ def load_tokenizer(spec: str, inputs_for_training: Iterable[str] | None = None,
             f"tokenizer spec {spec!r}: {path} does not exist; use 'byte', 'bpe:N' or a path to a "
             f"HF tokenizer.json (or a directory holding one)"
         )
-    return HFTokenizer(path.resolve(), kind="hf", name=path.name, eos=eos)
+    return HFTokenizer(path.resolve(), kind="hf", name=path.name, eos=eos,
+                       declared=declared_specials(path.parent / CONFIG_NAME))
 
 
 def write_tokenizer_files(tokenizer_path: Path, out: Path) -> dict[str, int | None]:

@@ -2,6 +2,7 @@
 saved to disk, .gz / .zst, and the bad-input messages."""
 import gzip
 import json
+import re
 import sysconfig
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from mamba import layout
 from mamba.data.pack import pack
-from mamba.data.readers import CHAT_HEADER, collect_inputs
+from mamba.data.readers import CHAT_HEADER, BadInputError, collect_inputs, iter_source
 from mamba.data.tokenizer import load_tokenizer
 
 BYTE = load_tokenizer("byte")
@@ -143,3 +144,178 @@ def test_bad_whole_inputs(tmp_path, name, content, reason):
     (tmp_path / "ok.txt").write_text("ok")
     m = pack([tmp_path / name, tmp_path / "ok.txt"], tmp_path / "o", tokenizer="byte", on_bad_input="skip")
     assert m["skipped"][0]["path"] == str(tmp_path / name) and reason in m["skipped"][0]["reason"]
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_config_and_markup_files_are_one_text_document_each(tmp_path):
+    """The default extensions take config and markup files as written: the repository's own
+    config.yaml and setup.cfg, and a TOML, XML, HTML and JSON file; a .json file is one document
+    (not records) even when it has a "text" key."""
+    import pydoc
+    import tomllib
+
+    d = tmp_path / "conf"
+    d.mkdir()
+    for name in ("config.yaml", "setup.cfg"):
+        (d / name).write_bytes((REPO / name).read_bytes())
+    (d / "pyproject.toml").write_text('[project]\nname = "demo"\nversion = "0.1"\n\n[tool.ruff]\nline-length = 120\n')
+    assert tomllib.loads((d / "pyproject.toml").read_text())["tool"]["ruff"]["line-length"] == 120
+    (d / "pom.xml").write_text('<?xml version="1.0"?>\n<project><artifactId>demo</artifactId></project>\n')
+    (d / "json.html").write_text(pydoc.html.page("json", pydoc.html.document(json)))
+    (d / "settings.json").write_text(json.dumps({"text": "not a record", "tabs": 4}, indent=2))
+    found, unmatched = collect_inputs([d])
+    assert [Path(f).name for f in found] == sorted(p.name for p in d.iterdir()) and unmatched == 0
+    m = pack([d], tmp_path / "o", tokenizer="byte")
+    assert texts_of(tmp_path / "o", m) == [Path(f).read_text() for f in found]
+
+
+def test_strip_html_keeps_the_text_of_a_real_page(tmp_path):
+    """pydoc's page for the json module: its docstring survives, tags, scripts and styles do not,
+    and entities are decoded."""
+    import pydoc
+
+    page = pydoc.html.page("json", pydoc.html.document(json))
+    page = page.replace("</head>", "<style>body { color: red }</style><script>var x = 1 < 2;</script></head>")
+    (tmp_path / "json.html").write_text(page)
+    [[(raw, _)]] = list(iter_source(str(tmp_path / "json.html")))
+    assert raw == page  # without the option the markup is the document
+    [[(text, trained)]] = list(iter_source(str(tmp_path / "json.html"), strip_html=True))
+    # The docstring comes back line for line: entities (&lt; &gt; &#x27; &nbsp;) decoded, <br> a
+    # line break, pydoc's &nbsp; indentation kept; runs of blank lines made one.
+    doc = "\n".join(line.rstrip() for line in json.__doc__.strip().splitlines())
+    assert trained and re.sub(r"\n{3,}", "\n\n", doc) in text
+    assert not re.search(r"</?(a|td|br|table|font|script|style)\b", text)
+    assert "color: red" not in text and "var x" not in text
+    (tmp_path / "empty.htm").write_text("<html><head><script>go()</script></head><body><br></body></html>")
+    with pytest.raises(BadInputError, match=r"empty\.htm: no text outside the HTML tags") as e:
+        list(iter_source(str(tmp_path / "empty.htm"), strip_html=True))
+    assert e.value.empty  # skipped and reported, as an empty file is
+
+
+def test_arrow_files_streams_and_dataset_dirs(tmp_path):
+    """Arrow IPC in the three forms users have: a pyarrow file of several record batches, a
+    Feather v2 file, and a directory written by pyarrow.dataset (walked like any directory). A
+    directory holding a HF saved dataset among them is one input, not its .arrow and .json files."""
+    pa = pytest.importorskip("pyarrow")
+    feather = pytest.importorskip("pyarrow.feather")
+    pads = pytest.importorskip("pyarrow.dataset")
+    datasets = pytest.importorskip("datasets")
+    texts = stdlib_texts(6)
+    table = pa.table({"id": list(range(6)), "content": texts})
+    with pa.ipc.new_file(tmp_path / "a.arrow", table.schema) as w:
+        w.write_table(table, max_chunksize=2)  # three record batches
+    feather.write_feather(table.rename_columns(["id", "body"]), tmp_path / "b.feather")
+    pads.write_dataset(table, tmp_path / "dir", format="arrow")
+    datasets.Dataset.from_dict({"text": texts[:2]}).save_to_disk(str(tmp_path / "dir" / "saved"))
+    found, _ = collect_inputs([tmp_path / "dir"])
+    assert [Path(f).relative_to(tmp_path / "dir").as_posix() for f in found] == ["part-0.arrow", "saved"]
+    m = pack([tmp_path / "a.arrow", tmp_path / "b.feather", tmp_path / "dir"], tmp_path / "o", tokenizer="byte")
+    assert texts_of(tmp_path / "o", m) == texts * 3 + texts[:2]
+    assert [s["documents"] for s in m["sources"]] == [6, 6, 6, 2]
+    m = pack([tmp_path / "a.arrow"], tmp_path / "o2", tokenizer="byte", text_field="content")
+    assert texts_of(tmp_path / "o2", m) == texts
+
+
+def test_arrow_stream_is_read_batch_by_batch(tmp_path):
+    """The stream format `datasets` writes, cut short in its third batch: the rows of the first two
+    batches come out before the damage is met, which is then a named bad input."""
+    pa = pytest.importorskip("pyarrow")
+    texts = stdlib_texts(6)
+    table = pa.table({"text": texts})
+    with pa.ipc.new_stream(tmp_path / "s.arrow", table.schema) as w:
+        w.write_table(table, max_chunksize=2)
+    data = (tmp_path / "s.arrow").read_bytes()
+    assert [d[0][0] for d in iter_source(str(tmp_path / "s.arrow"))] == texts
+    (tmp_path / "cut.arrow").write_bytes(data[: len(data) - len(texts[5]) - 100])
+    rows = iter_source(str(tmp_path / "cut.arrow"))
+    assert [next(rows)[0][0] for _ in range(4)] == texts[:4]
+    with pytest.raises(BadInputError, match=r"cut\.arrow: not a readable Arrow IPC file"):
+        next(rows)
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("ints.arrow", "column 'text' holds int64, not strings; choose one with --text-field"),
+    ("nocol.arrow", r"no text column \('text', 'content', 'body'\) \(columns: \['id'\]\)"),
+    ("junk.arrow", "not a readable Arrow IPC file"),
+    ("ints.parquet", "column 'text' holds int64, not strings"),
+])
+def test_bad_columnar_inputs_are_named_and_skippable(tmp_path, name, reason):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    table = pa.table({"text": [1, 2]} if name.startswith("ints") else {"id": [1, 2]})
+    if name == "junk.arrow":
+        (tmp_path / name).write_bytes(b"ARROW1\0\0" + bytes(range(256)) * 4)
+    elif name.endswith(".parquet"):
+        pq.write_table(table, tmp_path / name)
+    else:
+        with pa.ipc.new_file(tmp_path / name, table.schema) as w:
+            w.write_table(table)
+    with pytest.raises(ValueError, match=rf"{re.escape(name)}: {reason}"):
+        pack([tmp_path / name], tmp_path / "o", tokenizer="byte")
+    (tmp_path / "ok.txt").write_text("ok")
+    m = pack([tmp_path / name, tmp_path / "ok.txt"], tmp_path / "o", tokenizer="byte", on_bad_input="skip")
+    assert texts_of(tmp_path / "o", m) == ["ok"]
+    assert m["skipped"][0]["path"] == str(tmp_path / name) and re.match(reason, m["skipped"][0]["reason"])
+
+
+def make_pdf(pages: list[list[str]]) -> bytes:
+    """A PDF whose pages draw the given lines in Helvetica; a page of no lines draws only a filled
+    rectangle, as a scanned page holds only an image."""
+    def escape(line):
+        return line.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"", b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    kids = []
+    for lines in pages:
+        shown = "".join(f"({escape(line)}) Tj T* " for line in lines)
+        stream = (f"BT /F1 10 Tf 12 TL 40 800 Td {shown}ET" if lines else "0 0 1 rg 72 72 200 200 re f").encode()
+        objects.append(b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream))
+        objects.append(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Contents %d 0 R "
+                       b"/Resources << /Font << /F1 3 0 R >> >> >>" % len(objects))
+        kids.append(len(objects))
+    objects[1] = b"<< /Type /Pages /Kids [%s] /Count %d >>" % (b" ".join(b"%d 0 R" % k for k in kids), len(kids))
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1) + b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+def test_pdf_is_one_document_in_page_order(tmp_path):
+    """Lines of the json module's docstring over three pages (one only a picture); an encrypted
+    copy opens with its empty user password, one with a password does not."""
+    pypdf = pytest.importorskip("pypdf")
+    # Helvetica's standard encoding draws ` and ' as curly quotes: lines without them read back exactly.
+    lines = [line for line in json.__doc__.splitlines() if line.strip() and not {"`", "'"} & set(line)][:9]
+    pages = [lines[:4], [], lines[4:]]
+    (tmp_path / "doc.pdf").write_bytes(make_pdf(pages))
+    for name, password in (("open.pdf", ""), ("locked.pdf", "secret")):
+        writer = pypdf.PdfWriter(clone_from=pypdf.PdfReader(tmp_path / "doc.pdf"))
+        writer.encrypt(password, owner_password="owner", algorithm="RC4-128")  # RC4: no `cryptography` needed
+        writer.write(tmp_path / name)
+    (tmp_path / "doc.pdf.gz").write_bytes(gzip.compress((tmp_path / "doc.pdf").read_bytes()))
+    inputs = [tmp_path / n for n in ("doc.pdf", "doc.pdf.gz", "open.pdf")]
+    m = pack(inputs, tmp_path / "o", tokenizer="byte")
+    assert texts_of(tmp_path / "o", m) == ["\n".join(lines) + "\n"] * 3
+    with pytest.raises(ValueError, match=r"locked\.pdf: encrypted PDF with a password \(decrypt it first"):
+        pack([tmp_path / "locked.pdf"], tmp_path / "o2", tokenizer="byte")
+
+
+@pytest.mark.parametrize("name,content,reason", [
+    ("scan.pdf", make_pdf([[], []]), r"no text in its 2 pages \(scanned images\? run OCR first\)"),
+    ("cut.pdf", make_pdf([["a line"]])[:60], "not a readable PDF"),
+])
+def test_bad_pdfs_are_named_and_skippable(tmp_path, name, content, reason):
+    pytest.importorskip("pypdf")
+    (tmp_path / name).write_bytes(content)
+    (tmp_path / "ok.txt").write_text("ok")
+    with pytest.raises(ValueError, match=rf"{re.escape(name)}: {reason}.*--on-bad-input skip"):
+        pack([tmp_path / name, tmp_path / "ok.txt"], tmp_path / "o", tokenizer="byte")
+    m = pack([tmp_path / name, tmp_path / "ok.txt"], tmp_path / "o", tokenizer="byte", on_bad_input="skip")
+    assert texts_of(tmp_path / "o", m) == ["ok"]
+    assert m["skipped"][0]["path"] == str(tmp_path / name) and re.match(reason, m["skipped"][0]["reason"])

@@ -12,6 +12,8 @@ come back exactly through the 16-bit token field. (Adding tens of thousands of a
 by one takes minutes in `tokenizers`, so the filler goes into the model's vocabulary instead.)
 """
 import json
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -140,3 +142,50 @@ def test_vocab_limit_and_missing_bos(tmp_path):
     (tmp_path / "a.txt").write_text("a")
     with pytest.raises(ValueError, match="--bos needs a BOS token"):
         pack([tmp_path / "a.txt"], tmp_path / "o", tokenizer=str(tmp_path / "small.json"), add_bos=True)
+
+
+def _docs(out: Path) -> list[np.ndarray]:
+    """The token ids of each packed document in `out`."""
+    m = json.loads((out / "index.json").read_text())
+    ids, positions, _ = layout.decode(np.concatenate([np.load(out / s["file"]) for s in m["shards"]]))
+    return np.split(ids, np.flatnonzero(positions == 0)[1:])
+
+
+def test_tokenizer_config_declares_bos_and_eos(tmp_path):
+    """A HF tokenizer directory's tokenizer_config.json names its BOS and EOS ("<s>", "</s>" here),
+    over the usual names the vocabulary also holds (<|endoftext|>, <|bos|>); --bos, --no-eos and
+    --eos still decide."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>", "<|bos|>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    tok.save(str(tok_dir / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": {"content": "</s>", "special": True}, "add_bos_token": True}
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    inputs = [str(p) for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40:8]]
+    repo = Path(__file__).resolve().parents[2]
+
+    def pack_cli(out: str, *flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "tools/pack.py", "--tokenizer", str(tok_dir), "--out",
+                               str(tmp_path / out), "--quiet", *flags, *inputs], cwd=repo, capture_output=True,
+                              text=True)
+
+    assert pack_cli("bos", "--bos").returncode == 0
+    m = json.loads((tmp_path / "bos" / "index.json").read_text())
+    assert (m["special_tokens"]["bos"], m["special_tokens"]["eos"]) == (2, 3)
+    docs = _docs(tmp_path / "bos")
+    assert len(docs) == len(inputs) and all(d[0] == 2 and d[-1] == 3 and not {0, 1} & set(d.tolist()) for d in docs)
+    assert pack_cli("no_eos", "--no-eos").returncode == 0
+    assert all(d[0] != 2 and 3 not in d for d in _docs(tmp_path / "no_eos"))
+    assert pack_cli("eos", "--eos", "<|endoftext|>").returncode == 0
+    assert all(d[-1] == 0 for d in _docs(tmp_path / "eos"))
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": "<|begin_of_text|>"}))
+    run = pack_cli("bad", "--bos")
+    assert run.returncode == 1 and (f"{tok_dir / 'tokenizer_config.json'}: bos_token '<|begin_of_text|>' is not in "
+                                    f"the vocabulary of {tok_dir / 'tokenizer.json'}") in run.stderr, run.stderr

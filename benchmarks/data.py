@@ -9,10 +9,14 @@ The loader's batches are the packed int32 words themselves: the decode into thre
 (input_ids, labels, position_ids: 24 bytes per token written for 4 read, ~7x the memory traffic
 of the copy) runs on the training device per micro batch (mamba.data.loader.as_data_spec), where
 it is a few elementwise kernels. Its CPU rate is printed too, for CPU training.
+
+bench_pack: tools/pack.py against the raw tokenizer rate; bench_parts: the same pack split in two
+parts run at once (the many-machine pack, --part I/N), against one process.
 """
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -133,22 +137,9 @@ PACK_CHUNK_BYTES = 4 << 20
 PACK_ROUNDS = 3
 
 
-def bench_pack() -> list[tuple[str, float, str]]:
-    """tools/pack.py end to end (read, tokenize, layout, write + fsync + sha256 of shards) with 1
-    and 2 workers, against the raw `tokenizers` batch-encode rate on the same texts (the limit;
-    issue 4's target: pack >= 80% of it). The tokenizer is a byte-level BPE of 8,192 trained on
-    the first 1 MB.
-
-    This VM's speed drifts by up to 1.5x from minute to minute, so the limit and the pack runs are
-    timed in rounds, one of each per round, and each ratio is the median of its per-round ratios
-    (rates: the best round)."""
-    import statistics
+def _pack_inputs() -> tuple[list[Path], int, list[str]]:
+    """The first PACK_BYTES of CPython's own .py sources that are UTF-8: (files, bytes, texts)."""
     import sysconfig
-
-    from tokenizers import Tokenizer
-
-    from mamba.data.pack import pack
-    from mamba.data.tokenizer import load_tokenizer
 
     files, size = [], 0
     for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
@@ -160,11 +151,69 @@ def bench_pack() -> list[tuple[str, float, str]]:
             continue
         files.append(path)
         size += path.stat().st_size
-    texts = [p.read_text(encoding="utf-8") for p in files]
+    return files, size, [p.read_text(encoding="utf-8") for p in files]
+
+
+def _train_tokenizer(texts: list[str], out: Path) -> None:
+    """out/tokenizer.json: a byte-level BPE of 8,192 trained on the first 1 MB of the texts."""
+    from mamba.data.tokenizer import load_tokenizer
+
+    sample = texts[: next(i for i in range(len(texts)) if sum(map(len, texts[:i])) > 1 << 20)]
+    load_tokenizer("bpe:8192", inputs_for_training=sample, save_dir=out)
+
+
+def bench_parts() -> list[tuple[str, float, str]]:
+    """A many-machine pack on one box: the same inputs as bench_pack packed by one `tools/pack.py`
+    process, then as 2 parts by two processes at once (--part 0/2 and 1/2, as two array tasks
+    would), each --workers 1, timed from launch to the merged index.json (the last part merges).
+    On a cluster each part has a machine to itself; here the two share the box's cores, so the
+    ratio shows what the split costs or gains where cores are shared, not a cluster's speed-up."""
+    import subprocess
+    import sys
+
+    files, _, texts = _pack_inputs()
+    script = Path(__file__).resolve().parent.parent / "tools" / "pack.py"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        sample = texts[: next(i for i in range(len(texts)) if sum(map(len, texts[:i])) > 1 << 20)]
-        load_tokenizer("bpe:8192", inputs_for_training=sample, save_dir=tmp)
+        _train_tokenizer(texts, tmp)
+        args = ["--tokenizer", str(tmp / "tokenizer.json"), "--quiet", "--shard-tokens", str(1 << 20)]
+        seconds = {1: [], 2: []}
+        for round_ in range(PACK_ROUNDS):
+            for count in (1, 2):
+                out = tmp / f"out{round_}-{count}"
+                t = time.perf_counter()
+                procs = [subprocess.Popen([sys.executable, str(script), *args, "--out", str(out), *map(str, files),
+                                           *(["--part", f"{i}/{count}"] if count > 1 else [])],
+                                          stdout=subprocess.DEVNULL) for i in range(count)]
+                if any(p.wait() for p in procs):
+                    raise RuntimeError(f"tools/pack.py failed packing {count} part(s) into {out}")
+                seconds[count].append(time.perf_counter() - t)
+        tokens = json.loads((tmp / "out0-1" / "index.json").read_text())["total_tokens"]
+    one, two = tokens / min(seconds[1]), tokens / min(seconds[2])
+    return [("pack.py, 1 process (the whole input)", one, f"best of {PACK_ROUNDS}, process start included"),
+            ("pack.py, 2 parts at once + merge", two, f"{two / one:.2f}x of 1 process on this box's "
+                                                     f"{os.cpu_count()} cores (best of {PACK_ROUNDS})")]
+
+
+def bench_pack() -> list[tuple[str, float, str]]:
+    """tools/pack.py end to end (read, tokenize, layout, write + fsync + sha256 of shards) with 1
+    and 2 workers, against the raw `tokenizers` batch-encode rate on the same texts (the limit;
+    issue 4's target: pack >= 80% of it). The tokenizer is a byte-level BPE of 8,192 trained on
+    the first 1 MB.
+
+    This VM's speed drifts by up to 1.5x from minute to minute, so the limit and the pack runs are
+    timed in rounds, one of each per round, and each ratio is the median of its per-round ratios
+    (rates: the best round)."""
+    import statistics
+
+    from tokenizers import Tokenizer
+
+    from mamba.data.pack import pack
+
+    files, size, texts = _pack_inputs()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        _train_tokenizer(texts, tmp)
         tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
         tok.encode_special_tokens = True
         tokens = sum(len(e.ids) for e in tok.encode_batch_fast(texts, add_special_tokens=False)) + len(texts)
@@ -215,7 +264,7 @@ def bench_pack() -> list[tuple[str, float, str]]:
 
 def main() -> None:
     table = []
-    for fn in (bench_pack, bench_loader):
+    for fn in (bench_pack, bench_parts, bench_loader):
         table += [(fn.__name__, *row) for row in fn()]
     print(f"{'benchmark':<14} {'what':<52} {'tokens/s':>10}  note")
     for bench, what, rate, note in table:

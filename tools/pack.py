@@ -5,6 +5,13 @@
         --val-fraction 0.01 chats.jsonl.zst wiki.parquet hf_saved_dataset/
     python tools/pack.py inspect data/mycorpus [--window 3 --seq-len 512] [--verify]
 
+On many machines: part I of N packs its share of the inputs into OUT/part-I-of-N (a killed part
+re-runs alone, resuming), and the last part to finish merges them into one dataset in OUT (one
+index.json over every part's shards, nothing copied; `pack.py merge OUT` does it by hand):
+
+    sbatch --array=0-7 tools/pack_slurm.sh 8 --tokenizer tokenizer.json --out data/big corpus/
+    python tools/pack.py --part 3/8 --tokenizer tokenizer.json --out data/big corpus/   # one part
+
 --tokenizer: "byte", "bpe:N" (trained on the inputs, saved in --out) or a HF tokenizer.json (or a
 directory holding one; a tokenizer_config.json there names its BOS and EOS). Inputs:
 text/source/config/markup files and directories (searched recursively; --include and --exclude
@@ -28,6 +35,7 @@ from pathlib import Path
 if importlib.util.find_spec("mamba") is None:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mamba.data import parts  # noqa: E402
 from mamba.data.pack import DEFAULT_INCLUDE, DEFAULT_SHARD_TOKENS, POLICIES, pack  # noqa: E402
 from mamba.data.progress import PackMeter  # noqa: E402
 from mamba.data.shards import PROGRESS_NAME, disk_full  # noqa: E402
@@ -66,10 +74,36 @@ def inspect_main(argv) -> int:
     return 0
 
 
+def part_arg(spec: str) -> tuple[int, int]:
+    try:
+        return parts.parse_part(spec)
+    except ValueError as e:  # argparse would print only "invalid value"
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def merge_main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="pack.py merge", description="Merge the parts of a --part I/N pack.")
+    parser.add_argument("dir", help="the --out of the parts (holding part-I-of-N directories)")
+    args = parser.parse_args(argv)
+    try:
+        manifest = parts.merge(args.dir)
+    except (ValueError, OSError) as e:
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
+    print(merged_line(manifest, args.dir))
+    return 0
+
+
+def merged_line(manifest: dict, out: str) -> str:
+    return (f"merged {len(manifest['parts'])} parts into {out}: {manifest['total_documents']} documents, "
+            f"{manifest['total_tokens']} tokens in {len(manifest['shards'])} shards")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["inspect"]:
         return inspect_main(argv[1:])
+    if argv[:1] == ["merge"]:
+        return merge_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files, directories, dataset dirs, hf:NAME")
     parser.add_argument("--tokenizer", required=True, help='"byte", "bpe:N" or a path to tokenizer.json')
@@ -90,11 +124,16 @@ def main(argv=None) -> int:
     parser.add_argument("--val-fraction", type=float, default=0.0,
                         help="share of documents for --out/val (the rest in --out/train); default 0: no split")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val document hash")
+    parser.add_argument("--strip-html", action="store_true", help="take .html/.htm/.xhtml inputs without their tags")
+    parser.add_argument("--part", type=part_arg, metavar="I/N",
+                        help="pack part I of N (0 <= I < N) of the inputs into OUT/part-I-of-N, for one task of a "
+                             "many-machine pack; the last part to finish merges them all into OUT")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress on stderr (a line updated in place on a terminal, else every 10 s, "
                              "and each shard written); only the summary at the end")
     args = parser.parse_args(argv)
 
+    out = parts.part_dir(Path(args.out), *args.part) if args.part else Path(args.out)
     start = time.perf_counter()
     meter = None if args.quiet else PackMeter(sys.stderr)
     try:
@@ -103,31 +142,37 @@ def main(argv=None) -> int:
             on_bad_input=args.on_bad_input, include=args.include or DEFAULT_INCLUDE, exclude=args.exclude, eos=args.eos,
             progress=meter and meter.message, meter=meter, workers=args.workers, text_field=args.text_field,
             add_bos=args.bos, add_eos=not args.no_eos, val_fraction=args.val_fraction, seed=args.seed,
+            strip_html=args.strip_html, part=args.part,
         )
+        merged = args.part and parts.merge(args.out, quiet_if_incomplete=True)
     except (ValueError, OSError) as e:  # bad input, tokenizer or output dir: the message says which
-        kept = disk_full(e) and (Path(args.out) / PROGRESS_NAME).is_file()
+        kept = disk_full(e) and (out / PROGRESS_NAME).is_file()
         parser.exit(1, f"{parser.prog}: error: {e}" + (
-            f"; the disk is full: what is finished is kept in {args.out}, free space there and run the "
+            f"; the disk is full: what is finished is kept in {out}, free space there and run the "
             f"same command again to resume" if kept else "") + "\n")
     except KeyboardInterrupt:
-        kept = (Path(args.out) / PROGRESS_NAME).is_file()
+        kept = (out / PROGRESS_NAME).is_file()
         parser.exit(130, f"{parser.prog}: interrupted; " + (
-            f"what is finished is kept in {args.out}: run the same command again to resume\n" if kept else
+            f"what is finished is kept in {out}: run the same command again to resume\n" if kept else
             "nothing was finished, nothing is left behind\n"))
     seconds = time.perf_counter() - start
     tokens = manifest["total_tokens"] + manifest.get("val_manifest", {}).get("total_tokens", 0)
     tok = manifest["tokenizer"]
     print(f"packed {manifest['total_documents']} documents, {manifest['total_tokens']} tokens into "
-          f"{len(manifest['shards'])} shards in {args.out} ({seconds:.1f} s, {tokens / seconds:,.0f} tokens/s)")
+          f"{len(manifest['shards'])} shards in {out} ({seconds:.1f} s, {tokens / seconds:,.0f} tokens/s)")
     if "val_manifest" in manifest:
         val = manifest["val_manifest"]
-        print(f"  val: {val['total_documents']} documents, {val['total_tokens']} tokens in {args.out}/val "
-              f"(train in {args.out}/train)")
+        print(f"  val: {val['total_documents']} documents, {val['total_tokens']} tokens in {out}/val "
+              f"(train in {out}/train)")
     print(f"tokenizer {tok['name']} ({tok['kind']}, vocab {tok['vocab_size']}), special ids {manifest['special_tokens']}")
     if manifest["skipped"]:
-        print(skipped_summary(manifest["skipped"], f"{args.out}/train" if "val_manifest" in manifest else args.out))
+        print(skipped_summary(manifest["skipped"], f"{out}/train" if "val_manifest" in manifest else str(out)))
     if manifest["unmatched_files"]:
         print(f"left out {manifest['unmatched_files']} files in the input directories that match no --include pattern")
+    if args.part:
+        print(merged_line(merged, args.out) if merged else
+              f"part {args.part[0]}/{args.part[1]} done; the last part to finish merges them into {args.out} "
+              f"(or run tools/pack.py merge {args.out} once all are done)")
     return 0
 
 

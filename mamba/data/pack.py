@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from mamba import layout
-from mamba.data import readers
+from mamba.data import parts, readers
 from mamba.data.manifest import INDEX_NAME, TOKENIZER_NAME, sha256_file, write_index
 from mamba.data.progress import PackMeter
 from mamba.data.readers import DEFAULT_INCLUDE, BadInputError, collect_inputs
@@ -61,7 +61,8 @@ def pack(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, tokeni
          include: Iterable[str] = DEFAULT_INCLUDE, exclude: Iterable[str] = (), eos: str | None = None,
          progress: Callable | None = None, workers: int = 1, text_field: str | None = None,
          add_bos: bool = False, add_eos: bool = True, val_fraction: float = 0.0, seed: int = 0,
-         chunk_bytes: int = BATCH_BYTES, meter: PackMeter | None = None) -> dict:
+         chunk_bytes: int = BATCH_BYTES, meter: PackMeter | None = None, strip_html: bool = False,
+         part: tuple[int, int] | None = None) -> dict:
     """Pack the inputs into out_dir (or out_dir/train and out_dir/val); return the train manifest
     (with val_fraction > 0 it carries the val manifest under "val_manifest").
 
@@ -74,6 +75,8 @@ def pack(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, tokeni
     chunk_bytes: characters of text per tokenizing job (and so how often progress is journaled).
     progress: called with a line for each shard written and on resuming; meter: shows how far
     the reading and tokenizing are (pass its `message` as progress, so lines and meter do not mix).
+    strip_html: HTML inputs as their text without tags. part: (I, N) packs part I of N of the
+    inputs into out_dir/part-I-of-N (mamba.data.parts, which merges the parts).
 
     A failure (an exception: bad input, bad option, ...) removes everything the run wrote, and the
     output directory and its parents if the run made them; so does an interrupt (Ctrl-C) or a full
@@ -85,6 +88,13 @@ def pack(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, tokeni
     # The plan: inputs, output directories, and what a resumed run must share with this one.
     sources, unmatched = collect_inputs(inputs, include, exclude)
     out = Path(out_dir)
+    if part is not None:
+        if tokenizer.startswith("bpe:"):
+            raise ValueError(f"--tokenizer {tokenizer} with --part: every part must use one tokenizer, so train it "
+                             f"once (tools/pack.py --tokenizer {tokenizer} on the inputs or a sample of them) and "
+                             f"give the parts its tokenizer.json")
+        all_inputs = run_fingerprint(sources, {})["inputs"]
+        sources, out = parts.part_sources(sources, *part), parts.part_dir(out, *part)
     dirs = {s: out / s for s in SPLITS} if val_fraction > 0 else {"train": out}
     # Loaded before out_dir is prepared, since a tokenizer.json may be read from there.
     tok = None if tokenizer.startswith("bpe:") else load_tokenizer(tokenizer, eos=eos)
@@ -92,13 +102,21 @@ def pack(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, tokeni
     options = {"tokenizer": tokenizer, "tokenizer_sha256": tok and tok.identity["sha256"],
                "special_tokens": tok and tok.special_tokens, "shard_tokens": shard_tokens,
                "on_bad_input": on_bad_input, "eos": eos, "text_field": text_field, "add_bos": add_bos,
-               "add_eos": add_eos, "val_fraction": val_fraction, "seed": seed, "chunk_bytes": chunk_bytes}
+               "add_eos": add_eos, "val_fraction": val_fraction, "seed": seed, "chunk_bytes": chunk_bytes,
+               "strip_html": strip_html}
     fingerprint = run_fingerprint(sources, options)
+    part_record = None
+    if part is not None:
+        # The tokenizer is named by its sha256, not by its path, which may differ between machines.
+        part_record = {"index": part[0], "count": part[1], "inputs": parts.inputs_identity(all_inputs),
+                       "options": parts.options_identity({k: v for k, v in options.items() if k != "tokenizer"})}
+        if done := parts.finished_part(out, part_record, list(dirs)):
+            return {**done["train"], "val_manifest": done["val"]} if val_fraction > 0 else done["train"]
     created = missing_dirs(out)
     journal = Journal(out, fingerprint, prepare_out_dir(out, fingerprint, list(dirs.values())))
     try:
         if tok is None:
-            chunks = iter_chunks(sources, text_field, on_bad_input, [], seed, 0, TRAINING_CHUNK_BYTES)
+            chunks = iter_chunks(sources, text_field, on_bad_input, [], seed, 0, TRAINING_CHUNK_BYTES, strip_html)
             tok = _trained_tokenizer(tokenizer, eos, out, journal, _texts(chunks, meter, fingerprint["inputs"]))
         _copy_tokenizer(tok, dirs.values())
         encoder = _document_encoder(tok, tokenizer, add_bos, add_eos)
@@ -107,15 +125,17 @@ def pack(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, tokeni
         if journal.resuming and progress:
             progress(f"resuming {out}: {sum(len(o.writer.shards) for o in outputs.values())} shards already written")
         skipped: list[dict] = []
-        chunks = iter_chunks(sources, text_field, on_bad_input, skipped, seed, val_fraction, chunk_bytes)
+        chunks = iter_chunks(sources, text_field, on_bad_input, skipped, seed, val_fraction, chunk_bytes, strip_html)
         if meter:
             meter.phase(f"tokenizing ({workers} worker{'s' if workers > 1 else ''})", fingerprint["inputs"], True)
         _write_shards(chunks, encoder, eos, workers, outputs, journal, meter)
         if meter:
             meter.end()
 
-        _check_documents(outputs, len(sources), skipped, val_fraction)
-        manifests = _write_manifests(outputs, fingerprint, tok, skipped, unmatched, add_bos, add_eos)
+        if part is None:  # a part may hold no val (or no) documents: merge checks the whole
+            check_documents(outputs["train"].documents, outputs.get("val") and outputs["val"].documents,
+                            len(sources), skipped, val_fraction)
+        manifests = _write_manifests(outputs, fingerprint, tok, skipped, unmatched, add_bos, add_eos, part_record)
         journal.remove()
         if val_fraction > 0:
             return {**manifests["train"], "val_manifest": manifests["val"]}
@@ -214,20 +234,18 @@ def _write_shards(chunks: Iterator[list], encoder: ChunkEncoder, eos: str | None
             meter.advance(positions.pop(index), sum(len(words) for words, _ in result.values()))
 
 
-def _check_documents(outputs: dict[str, SplitOutput], n_sources: int, skipped: list[dict],
-                     val_fraction: float) -> None:
+def check_documents(train: int, val: int | None, n_sources: int, skipped: list[dict], val_fraction: float) -> None:
     """Refuse to finish a train (or, with a split, val) dataset without a single document."""
-    train = outputs["train"].documents
     if not train:
         raise ValueError(f"nothing to pack: all {n_sources} inputs were skipped as bad input"
                          if skipped else f"nothing to pack into train from {n_sources} inputs")
-    if val_fraction > 0 and not outputs["val"].documents:
+    if val_fraction > 0 and not val:
         raise ValueError(f"val_fraction {val_fraction} put none of the {train} documents in val; "
                          f"raise it or pack without a split")
 
 
 def _write_manifests(outputs: dict[str, SplitOutput], fingerprint: dict, tok, skipped: list[dict], unmatched: int,
-                     add_bos: bool, add_eos: bool) -> dict[str, dict]:
+                     add_bos: bool, add_eos: bool, part_record: dict | None) -> dict[str, dict]:
     """Write each output's last shard and index.json, train's last (so a complete train/ means a
     complete run); return {split: manifest}."""
     manifests = {}
@@ -237,7 +255,8 @@ def _write_manifests(outputs: dict[str, SplitOutput], fingerprint: dict, tok, sk
         # Sizes as stat-ed for the fingerprint: no second stat of every input.
         sources = [{"path": fingerprint["inputs"][k][0], "bytes": fingerprint["inputs"][k][1], "documents": d,
                     "tokens": t} for k, (d, t) in sorted(output.counts.items())]
-        extra = {"bos": add_bos, "eos": add_eos, **({"split": split} if len(outputs) > 1 else {})}
+        extra = {"bos": add_bos, "eos": add_eos, **({"split": split} if len(outputs) > 1 else {}),
+                 **({"part": part_record} if part_record else {})}
         with naming(output.writer.out_dir / INDEX_NAME):
             manifests[split] = write_index(output.writer.out_dir, shards, tok.identity, tok.eos_id, sources,
                                            skipped, unmatched, special_tokens=tok.special_tokens, **extra)
@@ -253,7 +272,7 @@ def split_of(seed: int, source: str, number: int, val_fraction: float) -> str:
 
 
 def iter_chunks(sources: list[str], text_field, on_bad_input: str, skipped: list[dict], seed: int,
-                val_fraction: float, chunk_bytes: int = BATCH_BYTES) -> Iterator[list]:
+                val_fraction: float, chunk_bytes: int = BATCH_BYTES, strip_html: bool = False) -> Iterator[list]:
     """Chunks of ~chunk_bytes of documents [(source index, split, segments)], in input order.
     Bad inputs raise, or with "skip" are appended to `skipped` as {path, reason}. Empty inputs
     (no bytes, or no records) hold no document: they are always appended to `skipped`, never
@@ -268,7 +287,7 @@ def iter_chunks(sources: list[str], text_field, on_bad_input: str, skipped: list
     for i, source in enumerate(sources):
         count = bad_records = 0
         try:
-            for number, doc in enumerate(readers.iter_source(source, text_field)):
+            for number, doc in enumerate(readers.iter_source(source, text_field, strip_html)):
                 if isinstance(doc, BadInputError):
                     bad(doc)
                     bad_records += 1

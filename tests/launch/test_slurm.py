@@ -10,6 +10,8 @@ rank each, the tiny config on packed stdlib text.
   D  2 ranks per node, a truncated shard in the copy of the data only rank 3 (node 2's second
      rank) reads: the job log's first error is rank 3's, naming the shard, although node 1's
      ranks only see their collective break (rank_process.py relays errors across nodes).
+  E  tools/pack_slurm.sh as an array job of 3 parts: the last part merges, and the merged dataset's
+     token stream is the one-machine pack's; a lost part re-run alone (--array=1) merges again.
 
 Skipped, with the reason, only where Slurm cannot be installed here (not root, or no apt-get).
 """
@@ -23,6 +25,7 @@ import sysconfig
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mamba.runs.metrics import read_metrics, series
@@ -170,3 +173,34 @@ def test_a_data_error_on_the_second_node_is_the_first_error_in_the_job_log(clust
     assert errors, log[-4000:]
     assert errors[0].startswith("rank 3: data error: ") and str(shard) in errors[0] and "truncated" in errors[0], \
         log[-6000:]
+
+
+def token_stream(data_dir: Path) -> np.ndarray:
+    index = json.loads((data_dir / "index.json").read_text())
+    return np.concatenate([np.load(data_dir / s["file"]) for s in index["shards"]])
+
+
+def test_an_array_job_packs_in_parts_and_the_last_part_merges(cluster):
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    sources = [str(p) for p in sorted(stdlib.glob("*.py"))[:40]]  # the cluster fixture's inputs
+    out = cluster / "packed3"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+
+    def run_array(tasks: str) -> None:
+        job = sh("sbatch", "--parsable", f"--array={tasks}", "--cpus-per-task=1", "--time=10",
+                 f"--output={cluster}/pack-%a.out", "tools/pack_slurm.sh", "3", "--tokenizer",
+                 str(cluster / "packed" / "tokenizer.json"), "--out", str(out), *sources, env=env).strip()
+        wait_for(lambda: not sh("squeue", "-h", "-j", job).strip(), f"array job {job}")
+        logs = "\n".join(p.read_text() for p in sorted(cluster.glob("pack-*.out")))
+        assert (out / "index.json").is_file(), logs[-4000:]
+
+    run_array("0-2")
+    logs = [(cluster / f"pack-{i}.out").read_text() for i in range(3)]
+    assert sum(log.rstrip().splitlines()[-1].startswith(f"merged 3 parts into {out}") for log in logs) >= 1, logs
+    assert np.array_equal(token_stream(out), token_stream(cluster / "packed"))
+    # Part 1 lost: only it runs again, and being the last to finish it merges.
+    shutil.rmtree(out / "part-00001-of-00003")
+    (out / "index.json").unlink()
+    run_array("1")
+    assert (cluster / "pack-1.out").read_text().rstrip().splitlines()[-1].startswith(f"merged 3 parts into {out}")
+    assert np.array_equal(token_stream(out), token_stream(cluster / "packed"))

@@ -12,8 +12,10 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from mamba import layout
 from mamba.data.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -215,3 +217,21 @@ def test_a_full_disk_keeps_what_is_finished_and_the_re_run_resumes(small_fs, tmp
     files = sorted(p.name for p in reference.iterdir())
     assert sorted(p.name for p in out.iterdir()) == files and len(files) > len(kept) + 1
     assert all((out / name).read_bytes() == (reference / name).read_bytes() for name in files)
+
+
+def test_strip_html_packs_a_page_as_its_text(tmp_path):
+    """--strip-html reaches the reader: the packed document is the page's text, not its markup."""
+    import pydoc
+
+    page = tmp_path / "json.html"
+    page.write_text(pydoc.html.page("json", pydoc.html.document(json)))
+    texts = {}
+    for flag in ("--strip-html", None):
+        out = tmp_path / f"out{flag}"
+        run = pack_cli("--tokenizer", "byte", "--quiet", "--out", out, page, *([flag] if flag else []))
+        assert run.returncode == 0, run.stderr
+        ids, _, _ = layout.decode(np.load(out / "shard_00000.npy"))
+        texts[flag] = load_tokenizer("byte").decode(ids.tolist())
+    assert "<a href" in texts[None] and "<a href" not in texts["--strip-html"]
+    assert "JSON (JavaScript Object Notation)" in texts["--strip-html"]
+    assert len(texts["--strip-html"]) < len(texts[None]) / 2

@@ -12,6 +12,8 @@ assistant). Supported inputs, by the name with any .gz / .zst suffix removed:
     *.pdf               one document: the text of its pages in order (needs `pypdf`)
     a directory with dataset_info.json or state.json: a HF `datasets` dataset saved with
                         save_to_disk; rows are read like JSONL records
+    a Lance dataset     a directory named *.lance or holding _versions (needs `pylance`): one
+                        document per row of a string column, chosen as for Parquet
     hf:NAME[:SPLIT]     a HF hub dataset by name (needs network; SPLIT defaults to train)
     anything else       one UTF-8 text file = one document: text, source code, and config or
                         markup files kept as written (a .json file is one document, not records);
@@ -77,9 +79,10 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], include: Iterable[str] =
                    exclude: Iterable[str] = ()) -> tuple[list[str], int]:
     """The inputs named in `inputs`, plus the matching files under the directories named there.
 
-    Directories are walked recursively, except HF `datasets` directories and "hf:NAME" specs,
-    which are one input each. include: glob patterns for the names (without .gz/.zst) of files
-    found in directories (default: text, source and record files; ["*"] takes every file).
+    Directories are walked recursively, except HF `datasets` directories, Lance datasets and
+    "hf:NAME" specs, which are one input each (whatever the include patterns). include: glob
+    patterns for the names (without .gz/.zst) of files found in directories (default: text,
+    source and record files; ["*"] takes every file).
     exclude: glob patterns for names of files and directories not to enter. Files named
     explicitly are always taken. Returns (sorted unique inputs as strings, number of files in the
     walked directories that matched no include pattern); sorting makes the document order, and so
@@ -89,14 +92,14 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], include: Iterable[str] =
     found, unmatched = set(), 0
     for arg in inputs:
         path = Path(arg)
-        if str(arg).startswith("hf:") or is_hf_dataset_dir(path):
+        if str(arg).startswith("hf:") or is_hf_dataset_dir(path) or is_lance_dir(path):
             found.add(str(arg))
         elif path.is_dir():
             for root, dirs, names in os.walk(path):
                 dirs[:] = sorted(d for d in dirs if not any(fnmatch.fnmatch(d, g) for g in exclude))
-                # A saved HF dataset met on the walk is one input too: its .arrow and .json files
-                # are its rows and metadata, not documents of their own.
-                datasets = [d for d in dirs if is_hf_dataset_dir(Path(root) / d)]
+                # A saved HF dataset or a Lance dataset met on the walk is one input too: its files
+                # (.arrow, .json; Lance's binary data/*.lance) are its rows and metadata, not documents.
+                datasets = [d for d in dirs if is_hf_dataset_dir(Path(root, d)) or is_lance_dir(Path(root, d))]
                 found.update(str(Path(root) / d) for d in datasets)
                 dirs[:] = [d for d in dirs if d not in datasets]
                 for name in names:
@@ -118,6 +121,11 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], include: Iterable[str] =
 def is_hf_dataset_dir(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()
                               or (path / "dataset_dict.json").exists())
+
+
+def is_lance_dir(path: Path) -> bool:
+    """A Lance dataset: a directory named *.lance, or one holding the _versions directory Lance writes."""
+    return path.is_dir() and (path.name.endswith(".lance") or (path / "_versions").is_dir())
 
 
 def read_bytes(path: Path) -> bytes:
@@ -202,7 +210,7 @@ def _jsonl(path: Path, text_field) -> Iterator:
 
 
 def _text_column(path: Path, schema, text_field) -> str:
-    """The string column holding the text (Parquet, Arrow): text_field, else the first of TEXT_FIELDS."""
+    """The string column holding the text (Parquet, Arrow, Lance): text_field, else the first of TEXT_FIELDS."""
     import pyarrow as pa
 
     names = schema.names
@@ -266,6 +274,33 @@ def _arrow(path: Path, text_field) -> Iterator:
             yield from _column_rows(path, column, (b.select([column]) for b in batches))
         except (pa.ArrowException, OSError) as e:  # a batch cut short or damaged after a readable header
             raise BadInputError(path, f"not a readable Arrow IPC file ({e})") from None
+
+
+def _lance(path: Path, text_field) -> Iterator:
+    """A Lance dataset directory, its rows scanned in order a batch at a time: never read whole."""
+    if not path.is_dir():  # e.g. one of its data/*.lance files named on its own
+        raise BadInputError(path, "not a Lance dataset directory; pass the directory that holds _versions")
+    try:
+        import lance
+        import pyarrow as pa
+    except ImportError:
+        raise _missing("pylance", f"{path}") from None
+
+    def unreadable(e):  # Lance ends its messages with Rust source locations, of no use here
+        detail = re.sub(r",? *\S+\.rs:\d+:\d+", "", str(e))
+        return BadInputError(path, f"not a readable Lance dataset ({type(e).__name__}: {detail})")
+
+    try:
+        ds = lance.dataset(str(path))
+    except (ValueError, OSError, RuntimeError) as e:  # no _versions, bad manifest
+        raise unreadable(e) from None
+    column = _text_column(path, ds.schema, text_field)
+    # Fragment order is the order the rows were written; 1024 rows a batch bounds the memory held.
+    batches = ds.to_batches(columns=[column], batch_size=1024, scan_in_order=True)
+    try:
+        yield from _column_rows(path, column, batches)
+    except (pa.ArrowException, ValueError, OSError, RuntimeError) as e:  # a data file missing or damaged
+        raise unreadable(e) from None
 
 
 class _HTMLText(html.parser.HTMLParser):
@@ -368,7 +403,9 @@ def iter_source(source: str, text_field: str | None = None, strip_html: bool = F
         yield from _hf_rows(source, text_field)
         return
     name = base_name(path)
-    if name.endswith((".jsonl", ".ndjson")):
+    if is_lance_dir(path) or name.endswith(".lance"):
+        yield from _lance(path, text_field)
+    elif name.endswith((".jsonl", ".ndjson")):
         yield from _jsonl(path, text_field)
     elif name.endswith(".parquet"):
         yield from _parquet(path, text_field)

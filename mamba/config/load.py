@@ -185,6 +185,7 @@ def validate(cfg: TrainConfig) -> None:
                  f"model.headdim={m.headdim} must divide expand * d_model = {d_inner} (ssm_layer mamba2)")
         _require((d_inner // max(m.headdim, 1)) % m.ngroups == 0,
                  f"model.ngroups={m.ngroups} must divide the number of heads {d_inner // max(m.headdim, 1)}")
+    _validate_hybrid(m)
     _require(
         0 < m.vocab_size <= layout.MAX_VOCAB_SIZE,
         f"model.vocab_size={m.vocab_size} must be in 1..{layout.MAX_VOCAB_SIZE}: the shard layout "
@@ -238,6 +239,32 @@ def validate(cfg: TrainConfig) -> None:
         f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
         f"trainer.micro_batch_size={t.micro_batch_size}; change one of them",
     )
+
+
+def _validate_hybrid(m) -> None:
+    """The attention layers and MLPs of a hybrid model (mamba-ssm's MHA asserts the same shapes)."""
+    _require(m.d_intermediate >= 0, f"model.d_intermediate must be >= 0 (0: no MLP), got {m.d_intermediate}")
+    idx, a = m.attn_layer_idx, m.attn_cfg
+    _require(all(type(i) is int and 0 <= i < m.n_layer for i in idx) and len(set(idx)) == len(idx),
+             f"model.attn_layer_idx={idx}: give distinct layer indices in 0..{m.n_layer - 1} (model.n_layer={m.n_layer})")
+    if not idx:
+        return
+    _require(a.num_heads > 0, f"model.attn_cfg.num_heads must be > 0 for the attention layers {idx}, got {a.num_heads}")
+    kv = a.num_heads if a.num_heads_kv is None else a.num_heads_kv
+    _require(kv > 0 and a.num_heads % kv == 0,
+             f"model.attn_cfg.num_heads_kv={a.num_heads_kv} must divide num_heads={a.num_heads}")
+    _require(a.head_dim is not None or m.d_model % a.num_heads == 0,
+             f"model.attn_cfg.num_heads={a.num_heads} must divide d_model={m.d_model}, or set attn_cfg.head_dim")
+    head_dim = a.head_dim if a.head_dim is not None else m.d_model // a.num_heads
+    _require(head_dim > 0, f"model.attn_cfg.head_dim must be positive, got {a.head_dim}")
+    _require(0 <= a.rotary_emb_dim <= head_dim and a.rotary_emb_dim % 2 == 0,
+             f"model.attn_cfg.rotary_emb_dim={a.rotary_emb_dim} must be even and in 0..head_dim={head_dim}")
+    _require(a.rotary_emb_base > 0, f"model.attn_cfg.rotary_emb_base must be positive, got {a.rotary_emb_base}")
+    _require(a.d_conv >= 0, f"model.attn_cfg.d_conv must be >= 0 (0: no convolution), got {a.d_conv}")
+    _require(a.causal, "model.attn_cfg.causal=false would let the language model attend to the tokens it "
+             "predicts; set it to true (mamba-ssm's MHA defaults to false, its LM configs set true)")
+    _require(a.softmax_scale is None or a.softmax_scale > 0,
+             f"model.attn_cfg.softmax_scale must be positive or null, got {a.softmax_scale}")
 
 
 def _validate_fsdp(cfg: TrainConfig) -> None:

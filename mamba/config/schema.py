@@ -29,6 +29,35 @@ NonFiniteAction = Literal["stop", "skip"]
 
 
 @dataclass
+class AttnConfig:
+    """The attention layers of a hybrid model: mamba-ssm's `attn_cfg`, the arguments of its MHA."""
+
+    num_heads: int = 0
+    """Query heads; required (> 0) when model.attn_layer_idx names any layer."""
+    num_heads_kv: Optional[int] = None
+    """Key/value heads (grouped-query attention; 1 = multi-query); null: num_heads. Must divide num_heads."""
+    head_dim: Optional[int] = None
+    """Channels per head; null: d_model / num_heads."""
+    rotary_emb_dim: int = 0
+    """Leading channels of each query/key head rotated by RoPE (Su et al. 2021); even, <= head_dim;
+    0: no positional encoding (the Mamba layers carry order). Positions restart at each document."""
+    rotary_emb_base: float = 10000.0
+    """RoPE base: channel pair i turns at rotary_emb_base^(-2i / rotary_emb_dim) radians per position."""
+    rotary_emb_interleaved: bool = False
+    """RoPE layout: false rotates the two halves of the rotary channels (GPT-NeoX), true adjacent pairs (GPT-J)."""
+    qkv_proj_bias: bool = True
+    """Bias on the q/k/v projection (mamba-ssm's default; its published hybrids use false)."""
+    out_proj_bias: bool = True
+    """Bias on the output projection (mamba-ssm's default; its published hybrids use false)."""
+    d_conv: int = 0
+    """Width of a causal depthwise convolution over q, k and v before attention; 0: none."""
+    causal: bool = True
+    """Causal attention. True for a language model (mamba-ssm's MHA defaults to false; its LM configs set true)."""
+    softmax_scale: Optional[float] = None
+    """Scale of the attention logits; null: 1 / sqrt(head_dim)."""
+
+
+@dataclass
 class ModelConfig:
     """Architecture of the Mamba language model (mamba-ssm's names and defaults)."""
 
@@ -67,6 +96,15 @@ class ModelConfig:
     """Share the input embedding matrix with the LM head."""
     document_isolation: bool = True
     """Reset conv and SSM state at document starts inside a packed window."""
+    attn_layer_idx: list = field(default_factory=list)
+    """Hybrid models: indices (0-based) of the layers that are attention instead of ssm_layer,
+    as mamba-ssm's attn_layer_idx (e.g. [9, 18, 27, 36, 45, 56] in state-spaces' mamba2attn-2.7b).
+    Empty: a pure Mamba model."""
+    attn_cfg: AttnConfig = field(default_factory=AttnConfig)
+    """The attention layers' shape (used only when attn_layer_idx is not empty)."""
+    d_intermediate: int = 0
+    """Hidden width of a gated SiLU MLP after every mixer (mamba-ssm's GatedMLP, rounded up to a
+    multiple of 128), each with its own norm; 0: no MLPs (the Mamba-1/2 LMs)."""
     init_from: Optional[str] = None
     """Start from pretrained weights: a mamba-ssm checkpoint directory (config.json +
     pytorch_model.bin, as state-spaces publishes) or a HF transformers Mamba/Mamba2 directory.
@@ -112,7 +150,7 @@ class OptimizerConfig:
     """Decoupled weight decay, applied to matrices and embeddings only (not A_log, D, biases, norms)."""
     grad_clip_norm: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
-    no_decay: list = field(default_factory=lambda: ["A_log", "D", "dt_bias", "bias", "norm", "norm_f"])
+    no_decay: list = field(default_factory=lambda: ["A_log", "D", "dt_bias", "bias", "norm", "norm2", "norm_f"])
     """Parameter-name parts exempt from weight decay (mamba-ssm's groups): a parameter is exempt when
     a dotted part of its name equals one of these (e.g. "norm" matches layers.0.norm.weight)."""
 

@@ -11,6 +11,8 @@ is nothing to load into yet; the caller loads after materialising).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from mamba.model.lm import MambaConfig, MambaLMHeadModel
@@ -25,8 +27,14 @@ def mamba_config(model_cfg) -> MambaConfig:
         headdim=m.headdim, ngroups=m.ngroups, chunk_size=m.chunk_size,
         A_init_range=tuple(m.A_init_range), kernels=m.kernels,
         pad_vocab_size_multiple=m.pad_vocab_size_multiple, tie_embeddings=m.tie_embeddings,
-        document_isolation=m.document_isolation,
+        document_isolation=m.document_isolation, attn_layer_idx=tuple(m.attn_layer_idx),
+        attn_cfg=attn_kwargs(m.attn_cfg) if m.attn_layer_idx else {}, d_intermediate=m.d_intermediate,
     )
+
+
+def attn_kwargs(attn_cfg) -> dict:
+    """AttnConfig -> mamba-ssm's attn_cfg dict (MHA's keyword arguments), every key written out."""
+    return dataclasses.asdict(attn_cfg)
 
 
 def build_model(model_cfg, device: str | torch.device | None = None) -> MambaLMHeadModel:

@@ -1,4 +1,4 @@
-"""FLOPs per token of a Mamba-1 or Mamba-2 language model, for throughput and MFU reporting.
+"""FLOPs per token of a Mamba-1, Mamba-2 or hybrid language model, for throughput and MFU reporting.
 
 One multiply-add = 2 FLOPs; a (m x k) @ (k x n) matmul costs 2 m k n. Per token, forward pass,
 with d = d_model, E = d_inner = expand * d, N = d_state, K = d_conv, V = padded vocab:
@@ -27,7 +27,21 @@ capped at the sequence length), matmuls:
     C s_in    2 * N * E           outputs from the state entering the chunk
     conv1d    2 * (E + 2GN) * K   the conv runs over x, B and C together
 
-Both: lm_head 2 * d * V once per token. The embedding lookup is a gather (no FLOPs). Norms, SiLU,
+Attention layer of a hybrid (mamba-ssm's MHA; h query heads, h_kv key/value heads, D head_dim,
+L the sequence length), matmuls:
+    in_proj   2 * d * (h + 2 h_kv) D   q, k and v
+    out_proj  2 * h D * d
+  and the rest:
+    scores    2 * h * D * (L + 1) / 2  Q K^T: causal, so a query meets (L + 1) / 2 keys on average
+    values    2 * h * D * (L + 1) / 2  P V, the same count; together the forward third of PaLM's
+                                       12 * layers * H * Q * T training term (Chowdhery et al. 2022,
+                                       App. B), halved for the causal mask
+    conv1d    2 * (h + 2 h_kv) D * K   with attn_cfg.d_conv = K > 0
+  Document isolation masks more, but the kernels compute the causal window, so that is counted.
+MLP after a mixer (d_intermediate > 0; I = its hidden width rounded up to a multiple of 128, as
+mamba-ssm's GatedMLP): fc1 2 * d * 2I (value and gate), fc2 2 * I * d.
+
+Every layer: lm_head 2 * d * V once per token. The embedding lookup is a gather (no FLOPs). Norms, SiLU,
 gating, softplus, the inter-chunk state recurrence (per chunk, not per token) are O(E) or less
 per token and ignored.
 
@@ -39,6 +53,7 @@ App. B), so MFU stays comparable across recomputation settings.
 from __future__ import annotations
 
 from mamba.model.mamba1 import resolve_dt_rank
+from mamba.model.mlp import mlp_width
 
 
 def mamba1_layer_flops(config) -> tuple[int, int]:
@@ -67,24 +82,51 @@ def ssd_flops(config, q: int) -> int:
     return 2 * q * g * n + 2 * q * e + 4 * n * e
 
 
-def layer_flops(config, seq_len: int | None = None) -> tuple[int, int]:
-    if config.ssm_layer == "mamba1":
-        return mamba1_layer_flops(config)
-    if config.ssm_layer == "mamba2":
-        return mamba2_layer_flops(config, seq_len)
-    raise ValueError(f"flops: ssm_layer={config.ssm_layer!r} has no FLOPs formula (mamba1 | mamba2)")
+def attention_layer_flops(config, seq_len: int) -> tuple[int, int]:
+    """(matmul in Linear layers, attention + conv) forward FLOPs per token of one MHA mixer."""
+    a, d = config.attn_cfg, config.d_model
+    h = a["num_heads"]
+    h_kv = a.get("num_heads_kv") or h
+    head_dim = a.get("head_dim") or d // h
+    qkv = (h + 2 * h_kv) * head_dim
+    matmul = 2 * d * qkv + 2 * h * head_dim * d
+    other = 2 * 2 * h * head_dim * (seq_len + 1) // 2 + 2 * qkv * a.get("d_conv", 0)
+    return matmul, other
 
 
-def forward_matmul_flops_per_token(config) -> int:
-    """Forward FLOPs per token of the Linear layers (mixer projections and head) only: the part
-    `torch.utils.flop_counter.FlopCounterMode` sees as aten.mm / aten.addmm (tests/model/test_flops.py)."""
-    return config.n_layer * layer_flops(config)[0] + 2 * config.d_model * config.padded_vocab_size
+def mlp_flops(config) -> int:
+    """Forward FLOPs per token of one gated MLP (0 without: d_intermediate = 0); all matmul."""
+    hidden = mlp_width(config.d_intermediate)
+    return 2 * config.d_model * 2 * hidden + 2 * hidden * config.d_model if config.d_intermediate else 0
+
+
+def layer_flops(config, seq_len: int | None = None, layer_idx: int = 0) -> tuple[int, int]:
+    """(matmul, other) forward FLOPs per token of layer `layer_idx`, its MLP included (in matmul)."""
+    if layer_idx in config.attn_layer_idx:
+        if seq_len is None:
+            raise ValueError("flops: a model with attention layers needs the sequence length")
+        matmul, other = attention_layer_flops(config, seq_len)
+    elif config.ssm_layer == "mamba1":
+        matmul, other = mamba1_layer_flops(config)
+    elif config.ssm_layer == "mamba2":
+        matmul, other = mamba2_layer_flops(config, seq_len)
+    else:
+        raise ValueError(f"flops: ssm_layer={config.ssm_layer!r} has no FLOPs formula (mamba1 | mamba2)")
+    return matmul + mlp_flops(config), other
+
+
+def forward_matmul_flops_per_token(config, seq_len: int | None = None) -> int:
+    """Forward FLOPs per token of the Linear layers (mixer projections, MLPs and head) only: the
+    part `torch.utils.flop_counter.FlopCounterMode` sees as aten.mm / aten.addmm (tests/model/test_flops.py)."""
+    return sum(layer_flops(config, seq_len, i)[0] for i in range(config.n_layer)) + \
+        2 * config.d_model * config.padded_vocab_size
 
 
 def forward_flops_per_token(config, seq_len: int | None = None) -> int:
-    """All forward FLOPs per token; seq_len caps Mamba-2's chunk length (None: chunk_size)."""
-    matmul, other = layer_flops(config, seq_len)
-    return config.n_layer * (matmul + other) + 2 * config.d_model * config.padded_vocab_size
+    """All forward FLOPs per token; seq_len caps Mamba-2's chunk length (None: chunk_size) and
+    sets attention's length term (required with attention layers)."""
+    return sum(sum(layer_flops(config, seq_len, i)) for i in range(config.n_layer)) + \
+        2 * config.d_model * config.padded_vocab_size
 
 
 def flops_per_token(config, seq_len: int | None = None) -> int:

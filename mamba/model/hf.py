@@ -45,6 +45,9 @@ def hf_config(model: MambaLMHeadModel, eos_token_id: int | None = None) -> dict:
     HF's vocab_size is the number of embedding rows, i.e. our padded vocabulary.
     """
     c, mixer = model.config, model.backbone.layers[0].mixer
+    if c.attn_layer_idx or c.d_intermediate:
+        raise ValueError("a hybrid model (attention layers or MLPs) has no transformers Mamba/Mamba2 format: "
+                         "MambaForCausalLM and Mamba2ForCausalLM hold Mamba mixers only")
     common = {
         "vocab_size": c.padded_vocab_size,
         "hidden_size": c.d_model,

@@ -1,34 +1,38 @@
-"""The Mamba language model: token embedding, a stack of Mamba-1 or Mamba-2 blocks, final norm,
-LM head.
+"""The Mamba language model: token embedding, a stack of Mamba-1 or Mamba-2 blocks (or, in a
+hybrid, attention blocks at attn_layer_idx, and a gated MLP after every mixer with d_intermediate),
+final norm, LM head.
 
 Structure, parameter names and initialisation follow mamba-ssm 2.x's `MambaLMHeadModel` and
-`MixerModel` (`mamba_ssm/models/mixer_seq_simple.py`) with rms_norm=True, residual_in_fp32=True
-and no MLP (d_intermediate = 0), ssm_cfg {"layer": "Mamba1" | "Mamba2"}, so state dicts load into
-mamba-ssm (and, with `backbone.embedding` renamed `backbone.embeddings`, into HF transformers'
-`MambaForCausalLM` / `Mamba2ForCausalLM`).
+`MixerModel` (`mamba_ssm/models/mixer_seq_simple.py`) with rms_norm=True, residual_in_fp32=True,
+ssm_cfg {"layer": "Mamba1" | "Mamba2"}, attn_layer_idx, attn_cfg and d_intermediate, so state dicts
+load into mamba-ssm (and, pure Mamba with `backbone.embedding` renamed `backbone.embeddings`, into
+HF transformers' `MambaForCausalLM` / `Mamba2ForCausalLM`).
 
 Document isolation: packed windows hold several documents; given `position_ids` (each token's
 position inside its document), the tokens at position 0 start a document, and every mixer
-restarts its conv and SSM state there, so a document never sees its predecessor.
+restarts its conv and SSM state there (an attention mixer attends within the document only, its
+rotary positions restarting), so a document never sees its predecessor.
 
-Recurrent inference: `allocate_inference_cache(batch)` gives every layer's zero (conv_state,
-ssm_state) and `step(tokens, cache)` feeds one token per sequence through the same modules
+Recurrent inference: `allocate_inference_cache(batch)` gives every layer's empty state ((conv_state,
+ssm_state), or an attention layer's KV cache) and `step(tokens, cache)` feeds one token per sequence through the same modules
 (each mixer's own `step`, `Block.step`), as mamba-ssm; model/generation.py loops and samples.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import get_args
 
 import torch
 from torch import nn
 
 from mamba.config.schema import KernelMode, SsmLayer
+from mamba.model.attention import MHA
 from mamba.model.block import Block
 from mamba.model.loss import DEFAULT_CHUNK_SIZE, chunked_cross_entropy
 from mamba.model.mamba1 import Mamba
 from mamba.model.mamba2 import Mamba2
+from mamba.model.mlp import GatedMLP
 from mamba.model.ops import kernels
 from mamba.model.ops.rms_norm import RMSNorm
 
@@ -85,6 +89,17 @@ class MambaConfig:
     """Reset conv and SSM state where position_ids == 0 (a document start)."""
     loss_chunk_size: int = DEFAULT_CHUNK_SIZE
     """Tokens per chunk of the training loss (mamba/model/loss.py): memory only, same result."""
+    attn_layer_idx: tuple = ()
+    """Layers that are attention (MHA) instead of ssm_layer: a hybrid model."""
+    attn_cfg: dict = field(default_factory=dict)
+    """MHA's keyword arguments (num_heads, num_heads_kv, head_dim, rotary_emb_dim, ...)."""
+    d_intermediate: int = 0
+    """Hidden width of the gated MLP after every mixer; 0: none."""
+
+    @property
+    def n_residuals_per_layer(self) -> int:
+        """Residual branches per layer: the mixer, and the MLP if any (mamba-ssm's init scaling)."""
+        return 2 if self.d_intermediate > 0 else 1
 
     @property
     def padded_vocab_size(self) -> int:
@@ -92,14 +107,17 @@ class MambaConfig:
         return self.vocab_size + (-self.vocab_size % self.pad_vocab_size_multiple)
 
 
-# Recurrent state of the whole model: per layer, its mixer's (conv_state, ssm_state).
-InferenceCache = list[tuple[torch.Tensor, torch.Tensor]]
-N_RESIDUALS_PER_LAYER = 1  # mamba-ssm: 1 without an MLP (d_intermediate = 0), 2 with one
+# Recurrent state of the whole model: per layer, its mixer's state tuple (Mamba: (conv_state,
+# ssm_state); attention: its KV cache, and conv state with attn_cfg.d_conv).
+InferenceCache = list[tuple]
 
 
-def make_mixer(config: MambaConfig) -> nn.Module:
-    """One mixer of the kind config.ssm_layer names, with the config's hyper-parameters."""
+def make_mixer(config: MambaConfig, layer_idx: int) -> nn.Module:
+    """Layer `layer_idx`'s mixer: attention if config.attn_layer_idx lists it, else the kind
+    config.ssm_layer names, with the config's hyper-parameters."""
     c = config
+    if layer_idx in c.attn_layer_idx:
+        return MHA(c.d_model, **c.attn_cfg, kernels_mode=c.kernels)
     common = dict(d_state=c.d_state, d_conv=c.d_conv, expand=c.expand, dt_min=c.dt_min,
                   dt_max=c.dt_max, dt_init_floor=c.dt_init_floor, kernels_mode=c.kernels)
     if c.ssm_layer == "mamba1":
@@ -120,12 +138,14 @@ class MixerModel(nn.Module):
         self.layers = nn.ModuleList(
             Block(
                 d,
-                mixer=make_mixer(config),
+                mixer=make_mixer(config, i),
                 norm=RMSNorm(d, eps=config.norm_eps),
                 residual_in_fp32=config.residual_in_fp32,
                 kernels_mode=config.kernels,
+                mlp=GatedMLP(d, config.d_intermediate) if config.d_intermediate > 0 else None,
+                norm2=RMSNorm(d, eps=config.norm_eps) if config.d_intermediate > 0 else None,
             )
-            for _ in range(config.n_layer)
+            for i in range(config.n_layer)
         )
         self.norm_f = RMSNorm(d, eps=config.norm_eps)
         self.residual_in_fp32, self.kernels_mode = config.residual_in_fp32, config.kernels
@@ -146,7 +166,7 @@ class MixerModel(nn.Module):
         return self.norm_f(residual.to(dtype=self.norm_f.weight.dtype))
 
     def allocate_inference_cache(self, batch: int) -> InferenceCache:
-        """Every layer's zero (conv_state, ssm_state), on the embedding's device, in at least float32."""
+        """Every layer's empty state (mixer.allocate_inference_cache), on the embedding's device, in at least float32."""
         weight = self.embedding.weight
         return [layer.mixer.allocate_inference_cache(batch, weight.device, weight.dtype) for layer in self.layers]
 
@@ -213,19 +233,26 @@ class MambaLMHeadModel(nn.Module):
         the `_no_weight_decay` flags, so both are restored here. The result has mamba-ssm's
         distribution: each module's own init (`Mamba.reset_parameters`, RMSNorm weight = 1), then
         `_init_weights` (mixer_seq_simple.py): embedding ~ N(0, initializer_range^2), Linear
-        biases zero (done in the mixer), and with rescale_prenorm_residual out_proj's
-        kaiming_uniform(a=sqrt(5)) init divided by sqrt(n_residuals_per_layer * n_layer), with
-        n_residuals_per_layer = 1 since the blocks have no MLP (GPT-2's residual scaling); the same
-        for Mamba-1 and Mamba-2 mixers.
+        biases zero (done in the mixers), and with rescale_prenorm_residual the kaiming_uniform(a=
+        sqrt(5)) init of every residual branch's last matrix (mixer out_proj, MLP fc2) divided by
+        sqrt(n_residuals_per_layer * n_layer), n_residuals_per_layer = 2 with MLPs, else 1
+        (GPT-2's residual scaling); the same for Mamba-1, Mamba-2 and attention mixers.
         """
         self.tie_weights()
         config = self.config
         nn.init.normal_(self.backbone.embedding.weight, std=config.initializer_range)
+        scale = math.sqrt(config.n_residuals_per_layer * config.n_layer)
         for layer in self.backbone.layers:
             layer.norm.reset_parameters()
             layer.mixer.reset_parameters()  # draws out_proj with kaiming_uniform(a=sqrt(5))
+            last = [layer.mixer.out_proj.weight]
+            if layer.mlp is not None:
+                layer.norm2.reset_parameters()
+                layer.mlp.reset_parameters()
+                last.append(layer.mlp.fc2.weight)
             if config.rescale_prenorm_residual:
-                layer.mixer.out_proj.weight.div_(math.sqrt(N_RESIDUALS_PER_LAYER * config.n_layer))
+                for weight in last:
+                    weight.div_(scale)
         self.backbone.norm_f.reset_parameters()
         if not config.tie_embeddings:
             self.lm_head.reset_parameters()  # nn.Linear's default, untouched by `_init_weights`

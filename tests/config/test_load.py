@@ -233,3 +233,37 @@ def test_durations_in_batches(duration, steps):
 def test_max_duration_cannot_be_a_share_of_itself():
     with pytest.raises(ConfigError, match=r"trainer.max_duration='1dur': 'dur' is a share of max_duration itself"):
         load_config(REPO / "config.yaml", ["trainer.max_duration=1dur"])
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["model.attn_layer_idx=[3,3]"], r"model.attn_layer_idx=\[3, 3\]: give distinct layer indices in 0..27"),
+    (["model.attn_layer_idx=[28]"], r"model.attn_layer_idx=\[28\].*\(model.n_layer=28\)"),
+    (["model.attn_layer_idx=[1]"], r"model.attn_cfg.num_heads must be > 0 for the attention layers \[1\]"),
+    (["model.attn_layer_idx=[1]", "model.attn_cfg.num_heads=21", "model.attn_cfg.num_heads_kv=5"],
+     r"model.attn_cfg.num_heads_kv=5 must divide num_heads=21"),
+    (["model.attn_layer_idx=[1]", "model.attn_cfg.num_heads=5"], r"num_heads=5 must divide d_model=2688, or set"),
+    (["model.attn_layer_idx=[1]", "model.attn_cfg.num_heads=21", "model.attn_cfg.rotary_emb_dim=130"],
+     r"rotary_emb_dim=130 must be even and in 0..head_dim=128"),
+    (["model.attn_layer_idx=[1]", "model.attn_cfg.num_heads=21", "model.attn_cfg.rotary_emb_dim=63"],
+     r"rotary_emb_dim=63 must be even"),
+    (["model.attn_layer_idx=[1]", "model.attn_cfg.num_heads=21", "model.attn_cfg.causal=false"],
+     r"model.attn_cfg.causal=false would let the language model attend"),
+    (["model.d_intermediate=-1"], r"model.d_intermediate must be >= 0"),
+    (["model.attn_cfg.num_head=16"], r"num_head.*num_heads"),  # strict keys inside attn_cfg too
+])
+def test_hybrid_rules(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(REPO / "config.yaml", overrides)
+
+
+def test_a_valid_hybrid_loads_and_builds_its_layers():
+    from mamba.model.factory import build_model
+
+    cfg = load_config(REPO / "config.yaml", [
+        "model.d_model=64", "model.n_layer=4", "model.ssm_layer=mamba2", "model.headdim=32", "model.d_state=16",
+        "model.attn_layer_idx=[1,3]", "model.attn_cfg.num_heads=4", "model.attn_cfg.num_heads_kv=2",
+        "model.attn_cfg.rotary_emb_dim=8", "model.d_intermediate=96", "model.vocab_size=300"])
+    model = build_model(cfg.model, device="cpu")
+    kinds = [type(layer.mixer).__name__ for layer in model.backbone.layers]
+    assert kinds == ["Mamba2", "MHA", "Mamba2", "MHA"]
+    assert model.backbone.layers[1].mixer.num_heads_kv == 2 and model.backbone.layers[0].mlp.hidden == 128

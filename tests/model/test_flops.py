@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from mamba.model.flops import forward_matmul_flops_per_token, ssd_flops, flops_per_token
+from mamba.model.flops import forward_flops_per_token, forward_matmul_flops_per_token, flops_per_token, ssd_flops
 from mamba.model.lm import MambaConfig, MambaLMHeadModel
 
 
@@ -60,3 +60,25 @@ def test_total_adds_the_non_matmul_terms_by_hand():
     # Mamba-2: the chunk length is capped by a shorter sequence.
     c2 = MambaConfig(d_model=768, n_layer=24, vocab_size=50277, ssm_layer="mamba2", d_state=128)
     assert flops_per_token(c2, seq_len=64) < flops_per_token(c2, seq_len=2048) == flops_per_token(c2)
+
+
+def test_hybrid_linear_flops_match_flop_counter_and_attention_term_by_hand():
+    """Attention layer (GQA, conv) and MLPs: every projection is a Linear, so aten.mm + addmm is
+    exact again; the attention scores/values term is the causal count from the module doc."""
+    torch.manual_seed(0)
+    config = MambaConfig(d_model=32, n_layer=3, vocab_size=50, d_state=8, kernels="torch", attn_layer_idx=(1,),
+                         attn_cfg=dict(num_heads=4, num_heads_kv=2, d_conv=4), d_intermediate=40)
+    model = MambaLMHeadModel(config)
+    batch, length = 2, 16
+    by_op = counted_train_flops(model, batch, length, config.vocab_size)
+    linear = by_op.get("aten.mm", 0) + by_op.get("aten.addmm", 0)
+    assert linear == 3 * forward_matmul_flops_per_token(config, length) * batch * length
+    h, h_kv, head_dim, mlp = 4, 2, 8, 128  # d_intermediate 40 -> 128
+    qkv = (h + 2 * h_kv) * head_dim
+    attention = 2 * 32 * qkv + 2 * h * head_dim * 32 + 2 * 2 * h * head_dim * (length + 1) // 2 + 2 * qkv * 4
+    mlp_flops = 2 * 32 * 2 * mlp + 2 * mlp * 32
+    mamba1 = forward_flops_per_token(MambaConfig(d_model=32, n_layer=1, vocab_size=50, d_state=8)) - 2 * 32 * 56
+    head = 2 * 32 * 56
+    assert forward_flops_per_token(config, length) == attention + 2 * mamba1 + 3 * mlp_flops + head
+    with pytest.raises(ValueError, match="sequence length"):
+        forward_flops_per_token(config)

@@ -197,3 +197,41 @@ def add_rms_norm(hidden, residual, weight, eps, residual_in_fp32, prenorm=True):
     return _probe()[0]["rms_norm_fn"](
         hidden, weight, None, residual=residual, prenorm=prenorm, residual_in_fp32=residual_in_fp32, eps=eps,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_flash_attention():
+    """flash-attn's varlen kernel, imported once (None when it cannot be: not installed, no driver)."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception:  # noqa: BLE001 - as _probe
+        return None
+    return flash_attn_varlen_func
+
+
+def use_flash_attention(mode: str, q: torch.Tensor) -> bool:
+    """Whether attention runs on flash-attn's varlen kernel: model.kernels auto or cuda, q on a GPU
+    in fp16/bf16 (the dtypes the kernel has) and flash-attn importable. It is an optional extra
+    beyond mamba-ssm, so `cuda` falls back to torch's SDPA (logged) rather than refusing."""
+    check_mode(mode)
+    use = (mode != "torch" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+           and _probe_flash_attention() is not None)
+    _log_once(f"attention: {'flash-attn varlen kernel' if use else 'torch SDPA'} (model.kernels={mode})")
+    return use
+
+
+def flash_attention_varlen(q, k, v, reset, scale):
+    """Causal attention inside each document on flash-attn's varlen kernel: the (batch, L) window
+    flattened to one sequence of batch * L tokens, cut at every document start and row start
+    (cu_seqlens, int32 (n_docs + 1,) offsets). q (batch, L, h, D), k and v (batch, L, h_kv, D)."""
+    batch, length = q.shape[:2]
+    starts = torch.zeros(batch, length, dtype=torch.bool, device=q.device)
+    starts[:, 0] = True
+    if reset is not None:
+        starts |= reset
+    offsets = torch.nonzero(starts.flatten()).flatten()
+    cu_seqlens = torch.cat((offsets, offsets.new_tensor([batch * length]))).to(torch.int32)
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    out = _probe_flash_attention()(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens,
+                                   max_seqlen, max_seqlen, softmax_scale=scale, causal=True)
+    return out.unflatten(0, (batch, length))

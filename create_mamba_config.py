@@ -4,7 +4,8 @@
     python create_mamba_config.py --preset 1.4b --nodes 4 --gpu H100-80GB --tokens 30e9 \\
         --data /lustre/web:3 --data /lustre/code:1 --scheduler wsd --out big.yaml
 
-From the preset (or --d-model/--n-layer/--ssm-layer), the hardware (--nodes, --gpus-per-node,
+From the preset (or --d-model/--n-layer/--ssm-layer; --attn-every K or --attn-layers i,j for a
+hybrid with attention layers, shaped as mamba2attn's unless the preset has its own), the hardware (--nodes, --gpus-per-node,
 --gpu or --gpu-memory; --gpus-per-node 0 means CPU ranks) and the budget (--tokens or
 --tokens-per-param), mamba/config/planner.py derives the micro batch from its memory model,
 gradient accumulation, max duration, warmup, checkpoint interval and activation checkpointing,
@@ -31,8 +32,8 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from mamba.config import ConfigError, planner  # noqa: E402
 from mamba.config.load import load_config, to_dict  # noqa: E402
-from mamba.config.presets import (BATCH_TOKENS, MODEL_PRESETS, SEQ_LEN, TINY_RECIPE,  # noqa: E402
-                                  TINY_TOKENS, TOKENS_PER_PARAM)
+from mamba.config.presets import (ATTN_EVERY, BATCH_TOKENS, MODEL_PRESETS, SEQ_LEN, TINY_RECIPE,  # noqa: E402
+                                  TINY_TOKENS, TOKENS_PER_PARAM, attention_layers, attention_shape)
 from mamba.config.schema import SchedulerName, TrainConfig  # noqa: E402
 from mamba.data.manifest import read_index  # noqa: E402
 from mamba.files import write_atomic  # noqa: E402
@@ -82,6 +83,8 @@ def model_section(args: argparse.Namespace, data_vocab: int) -> dict:
         raise ConfigError(
             f"the data uses a {data_vocab}-token vocabulary but the model embeds only {shape['vocab_size']}; "
             f"pack with the preset's tokenizer or give --vocab-size {data_vocab}")
+    if args.attn_every is not None or args.attn_layers is not None:
+        shape.update(hybrid_section(args, shape))
     shape["vocab_size"] = shape["vocab_size"] or data_vocab or None
     if shape["vocab_size"] is None:
         if not overrides_of(args.overrides, "model.vocab_size", "model"):
@@ -89,6 +92,26 @@ def model_section(args: argparse.Namespace, data_vocab: int) -> dict:
                               f"from the data: give --data DIR (a tools/pack.py directory) or --vocab-size N")
         del shape["vocab_size"]  # a model.vocab_size override sets it
     return shape
+
+
+def hybrid_section(args: argparse.Namespace, shape: dict) -> dict:
+    """attn_layer_idx (from --attn-every K or --attn-layers i,j,...) and the attention shape, the
+    preset's where it has one (presets.attention_shape otherwise)."""
+    if args.attn_every is not None and args.attn_layers is not None:
+        raise ConfigError("give --attn-every K or --attn-layers i,j,... (not both)")
+    if args.attn_layers is not None:
+        try:
+            layers = [int(i) for i in args.attn_layers.split(",") if i.strip()]
+        except ValueError:
+            raise ConfigError(f"--attn-layers {args.attn_layers!r}: give layer indices, e.g. 3,7,11") from None
+    else:
+        try:
+            # --attn-every without K: ATTN_EVERY, or one attention layer in all of a shallower model
+            every = args.attn_every or min(ATTN_EVERY, shape["n_layer"])
+            layers = attention_layers(shape["n_layer"], every)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return {"attn_layer_idx": layers, "attn_cfg": shape.get("attn_cfg") or attention_shape(shape["d_model"])}
 
 
 def flops_of(cfg) -> int:
@@ -198,6 +221,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n-layer", type=int)
     p.add_argument("--ssm-layer", help="mamba1 or mamba2 (default: the schema's)")
     p.add_argument("--vocab-size", type=int, help="tokenizer vocabulary (default: the preset's, else the data's)")
+    p.add_argument("--attn-every", type=int, nargs="?", const=0, metavar="K",
+                   help=f"hybrid: one attention layer in every K (without K: {ATTN_EVERY}, or n_layer when "
+                        f"fewer), in the middle of each group of K layers (Jamba's placement)")
+    p.add_argument("--attn-layers", metavar="I,J,...", help="hybrid: these layers (0-based) are attention")
     p.add_argument("--data", action="append", default=[], metavar="DIR[:WEIGHT]",
                    help="packed training data (tools/pack.py --out); repeat to mix, weight default 1; "
                         "without it data.sources is a placeholder to set before training")

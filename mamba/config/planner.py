@@ -39,7 +39,15 @@ all-gathers (amp_bf16 and fsdp.mixed_precision=DEFAULT), else 4):
             + 2E (silu) + 2W (x_proj: dt, B, C) + 4E (dt, fp32) + 2E (scan out y) + 2E (gated)
 
     Mamba-2 blocks are counted with the same terms (their (H, N) chunk states are likewise
-    recomputed).
+    recomputed). An attention block of a hybrid (flash-attn's kernel, which keeps one fp32
+    log-sum-exp per query and head and recomputes the scores; h heads, h_kv KV heads, D head_dim,
+    Q = (h + 2 h_kv) D):
+
+    block = 4d + 2d + 2Q (in_proj: q, k, v) [+ 2Q (conv out), with attn_cfg.d_conv]
+            [+ 2 (h + h_kv) D (q, k after RoPE), with rotary] + 2 h D (attention out) + 4h
+
+    and a block with an MLP (d_intermediate, I its width) keeps 4d + 2d + 2*2I + 2I more (fp32
+    residual, normed input, fc1 out, gated product).
 
   the pure-PyTorch ops (measured): CPU ranks, model.kernels=torch, or mamba-ssm not importable
   where the plan is made. They keep much more (Mamba-1's scan stores every state h_t, E x N fp32
@@ -48,10 +56,11 @@ all-gathers (amp_bf16 and fsdp.mixed_precision=DEFAULT), else 4):
   forward on fake tensors (torch's FakeTensorMode: shapes and dtypes, no memory, no arithmetic)
   under the run's precision, and the tensors autograd saves are added up, once per storage.
 
-Without activation checkpointing a = l * block. With it (every k-th block, k =
-fsdp.activation_checkpointing_every), a checkpointed block keeps only its input ((4 + c) d: the
-fp32 residual and the hidden state) and one block at a time is recomputed:
-a = ceil(l / k) (4 + c) d + (l - ceil(l / k)) block + block.
+Without activation checkpointing a = the sum of every layer's block (a hybrid's attention and
+Mamba blocks differ). With it (every k-th block, k = fsdp.activation_checkpointing_every), a
+checkpointed block keeps only its input ((4 + c) d: the fp32 residual and the hidden state) and
+one block at a time is recomputed: a = sum over blocks i of ((4 + c) d if i % k == 0 else block_i)
++ the largest block.
 
 This module imports mamba.model (to build the model), so mamba/config/__init__.py does not import
 it: mamba.model imports mamba.config.schema.
@@ -96,42 +105,70 @@ class ModelSize:
     largest_unit: int    # parameters of the largest FSDP unit: a block, or the embedding/head
     n_layer: int         # l
     d_model: int         # d
-    d_inner: int         # E
+    d_inner: int         # E (of the Mamba layers; 0 in an attention-only model)
     scan_inputs: int     # W: per-token width of dt, B and C
     padded_vocab: int    # V
     loss_chunk: int      # rows per chunk of the chunked cross-entropy
+    layer_kinds: tuple = ()  # per layer: "mamba" or "attention"
+    attn_qkv: int = 0    # Q = (h + 2 h_kv) D, the attention layers' in_proj width
+    attn_qk: int = 0     # (h + h_kv) D: q and k, rotated by RoPE
+    attn_heads: int = 0  # h
+    attn_out: int = 0    # h D
+    attn_conv: bool = False
+    attn_rotary: bool = False
+    mlp_width: int = 0   # I: the MLP's hidden width (0: no MLPs)
 
 
 def measure_model(model_cfg) -> ModelSize:
     """Build the model of `model_cfg` (the `model:` section) on the meta device and read its sizes
     (built with the torch ops: the shapes are the same, and kernels=cuda would need mamba-ssm here)."""
     model = build_model(dataclasses.replace(model_cfg, kernels="torch"), device="meta")
-    block = model.backbone.layers[0]
-    mixer = block.mixer
-    if model_cfg.ssm_layer == "mamba1":  # x_proj(x) = [dt (R), B (N), C (N)]
-        scan_inputs = mixer.x_proj.out_features
-    else:  # mamba2: in_proj(u) = [z (E), x (E), B (GN), C (GN), dt (H)]
-        scan_inputs = mixer.in_proj.out_features - 2 * mixer.d_inner
+    layers = model.backbone.layers
+    kinds = tuple("attention" if i in model_cfg.attn_layer_idx else "mamba" for i in range(len(layers)))
+    mamba = next((layer.mixer for layer, kind in zip(layers, kinds) if kind == "mamba"), None)
+    attn = next((layer.mixer for layer, kind in zip(layers, kinds) if kind == "attention"), None)
+    d_inner = scan_inputs = 0
+    if mamba is not None:
+        d_inner = mamba.d_inner
+        if model_cfg.ssm_layer == "mamba1":  # x_proj(x) = [dt (R), B (N), C (N)]
+            scan_inputs = mamba.x_proj.out_features
+        else:  # mamba2: in_proj(u) = [z (E), x (E), B (GN), C (GN), dt (H)]
+            scan_inputs = mamba.in_proj.out_features - 2 * d_inner
+    attn_dims = {}
+    if attn is not None:
+        attn_dims = dict(attn_qkv=attn.in_proj.out_features, attn_qk=attn.q_dim + attn.kv_dim,
+                         attn_heads=attn.num_heads, attn_out=attn.q_dim, attn_conv=attn.d_conv > 0,
+                         attn_rotary=attn.rotary_emb_dim > 0)
     embedding = model.backbone.embedding.weight  # (V, d); an untied head has the same shape
     return ModelSize(
         params=model.num_parameters(),
-        largest_unit=max(sum(p.numel() for p in block.parameters()), embedding.numel()),
-        n_layer=len(model.backbone.layers), d_model=embedding.shape[1], d_inner=mixer.d_inner,
+        largest_unit=max(max(sum(p.numel() for p in layer.parameters()) for layer in layers), embedding.numel()),
+        n_layer=len(layers), d_model=embedding.shape[1], d_inner=d_inner,
         scan_inputs=scan_inputs, padded_vocab=embedding.shape[0], loss_chunk=model.lm_head.loss_chunk_size,
+        layer_kinds=kinds, mlp_width=layers[0].mlp.hidden if layers[0].mlp is not None else 0, **attn_dims,
     )
 
 
-def block_activation_bytes(size: ModelSize) -> int:
-    """Bytes kept per token by one block for its backward on the fused kernels (module docstring)."""
+def block_activation_bytes(size: ModelSize, kind: str = "mamba") -> int:
+    """Bytes kept per token by one block of `kind` ("mamba", "attention") for its backward on the
+    fused kernels, its MLP included (module docstring)."""
     d, e = size.d_model, size.d_inner
-    return 4 * d + 2 * d + 2 * 2 * e + 2 * e + 2 * e + 2 * size.scan_inputs + 4 * e + 2 * e + 2 * e
+    if kind == "mamba":
+        mixer = 4 * d + 2 * d + 2 * 2 * e + 2 * e + 2 * e + 2 * size.scan_inputs + 4 * e + 2 * e + 2 * e
+    else:
+        q = size.attn_qkv
+        mixer = (4 * d + 2 * d + 2 * q + (2 * q if size.attn_conv else 0)
+                 + (2 * size.attn_qk if size.attn_rotary else 0) + 2 * size.attn_out + 4 * size.attn_heads)
+    i = size.mlp_width
+    return mixer + (4 * d + 2 * d + 2 * 2 * i + 2 * i if i else 0)
 
 
-def torch_block_bytes(model_cfg, seq_len: int, amp: bool, gathered: int) -> int:
-    """Bytes one block keeps per token for its backward on the pure-PyTorch ops, measured on fake
-    tensors (module docstring). Windows of 1 and 2 sequences: the difference is one window's
-    worth, so what does not grow with the tokens (weights cast by autocast) cancels."""
-    one_layer = dataclasses.replace(model_cfg, n_layer=1, init_from=None, kernels="torch")
+def torch_block_bytes(model_cfg, seq_len: int, amp: bool, gathered: int, kind: str = "mamba") -> int:
+    """Bytes one block of `kind` keeps per token for its backward on the pure-PyTorch ops, measured
+    on fake tensors (module docstring). Windows of 1 and 2 sequences: the difference is one
+    window's worth, so what does not grow with the tokens (weights cast by autocast) cancels."""
+    one_layer = dataclasses.replace(model_cfg, n_layer=1, init_from=None, kernels="torch",
+                                    attn_layer_idx=[0] if kind == "attention" else [])
     default = torch.get_default_dtype()
     # Parameters as FSDP hands them to the block, created so: newer torch cannot .to() a module
     # of fake tensors (it swaps the tensors, which fake ones refuse).
@@ -160,7 +197,7 @@ def _saved_bytes(block, batch: int, seq_len: int, amp: bool) -> int:
     hidden = torch.empty(batch, seq_len, block.d_model, dtype=torch.bfloat16 if amp else torch.float32,
                          requires_grad=True)
     residual = torch.empty(batch, seq_len, block.d_model, requires_grad=True)
-    reset = torch.zeros(batch, seq_len, dtype=torch.bool)
+    reset = torch.zeros(batch, seq_len, dtype=torch.bool)  # documents: attention keeps its (L, L) mask
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):  # CPU's autocast: fake tensors are CPU ones
         block(hidden, residual, reset=reset)
@@ -171,7 +208,7 @@ def _saved_bytes(block, batch: int, seq_len: int, amp: bool) -> int:
 class MemoryModel:
     """The per-run terms of the memory model (module docstring's letters)."""
 
-    block: int           # bytes one block keeps per token for its backward
+    blocks: dict         # kind ("mamba", "attention") -> bytes one such block keeps per token for its backward
     compute: int         # c
     gathered: int        # g
     path: str            # which count `block` is and why: printed with the plan
@@ -195,19 +232,23 @@ def memory_model(cfg, size: ModelSize, device: str) -> MemoryModel:
     amp = precision == "amp_bf16" or (precision == "auto" and device == "gpu")
     gathered = 2 if amp and cfg.fsdp.mixed_precision == "DEFAULT" else 4
     fused, why = kernel_path(cfg.model.kernels, device)
+    kinds = sorted(set(size.layer_kinds))
     if fused:
-        block, path = block_activation_bytes(size), f"mamba-ssm's fused kernels, counted ({why})"
+        blocks = {kind: block_activation_bytes(size, kind) for kind in kinds}
+        path = f"mamba-ssm's fused kernels, counted ({why})"
     else:
-        block = torch_block_bytes(cfg.model, cfg.data.seq_len, amp, gathered)
+        blocks = {kind: torch_block_bytes(cfg.model, cfg.data.seq_len, amp, gathered, kind) for kind in kinds}
         path = f"the pure-PyTorch ops, measured ({why})"
-    return MemoryModel(block=block, compute=2 if amp else 4, gathered=gathered, path=path)
+    return MemoryModel(blocks=blocks, compute=2 if amp else 4, gathered=gathered, path=path)
 
 
 def activation_bytes_per_token(size: ModelSize, mem: MemoryModel, checkpointing: bool, every: int = 1) -> int:
+    per_layer = [mem.blocks[kind] for kind in size.layer_kinds]
     if not checkpointing:
-        return size.n_layer * mem.block
-    kept = math.ceil(size.n_layer / every)  # blocks 0, k, 2k, ... keep only their input
-    return kept * (4 + mem.compute) * size.d_model + (size.n_layer - kept) * mem.block + mem.block
+        return sum(per_layer)
+    # Blocks 0, k, 2k, ... keep only their input; one block at a time is recomputed.
+    return sum((4 + mem.compute) * size.d_model if i % every == 0 else b for i, b in enumerate(per_layer)) \
+        + max(per_layer)
 
 
 def fixed_bytes(size: ModelSize, mem: MemoryModel, shard_ranks: int) -> int:
@@ -341,6 +382,9 @@ def summary(pl: Plan, cfg, mem: MemoryModel, *, rank_label: str, budget: int, da
     lines = [
         f"model        {m.ssm_layer} d_model={m.d_model} n_layer={m.n_layer} "
         f"vocab={m.vocab_size}: {pl.params:,} parameters ({pl.params / 1e6:.1f}M)",
+        *([f"hybrid       attention at layers {list(m.attn_layer_idx)} ({m.attn_cfg.num_heads} heads"
+           f"{f', {m.attn_cfg.num_heads_kv} KV heads' if m.attn_cfg.num_heads_kv else ''}); "
+           f"MLP width {m.d_intermediate or 'none'}"] if m.attn_layer_idx else []),
         f"compute      {pl.flops_per_token / 1e9:.3g} GFLOPs per token (forward + backward)",
         f"batch        {pl.global_batch} windows x {seq_len} tokens = {pl.global_batch * seq_len:,} tokens per step; "
         f"{pl.ranks} ranks x micro batch {pl.micro_batch} x {pl.grad_accum} accumulation",

@@ -21,7 +21,40 @@ MODEL_PRESETS: dict[str, dict] = {
     "2.8b": {"d_model": 2560, "n_layer": 64, "vocab_size": 50280},
     "1.6b": {"d_model": _DEFAULT.model.d_model, "n_layer": _DEFAULT.model.n_layer,
              "vocab_size": _DEFAULT.model.vocab_size},
+    # state-spaces/mamba2attn-2.7b's config.json (Dao & Gu 2024, Sec. 9.2.3): Mamba-2 with 6 of its
+    # 64 layers attention, GPT-NeoX's 50,277 tokens padded to a multiple of 16.
+    "mamba2attn-2.7b": {
+        "d_model": 2560, "n_layer": 64, "vocab_size": 50277, "ssm_layer": "mamba2", "d_state": 128, "headdim": 64,
+        "pad_vocab_size_multiple": 16,
+        "attn_layer_idx": [9, 18, 27, 36, 45, 56], "d_intermediate": 0,
+        "attn_cfg": {"num_heads": 30, "head_dim": 128, "rotary_emb_dim": 64, "d_conv": 4, "causal": True,
+                     "qkv_proj_bias": False, "out_proj_bias": False},
+    },
 }
+
+# One attention layer in ATTN_EVERY when create_mamba_config.py is asked for a hybrid without a
+# ratio (--attn-every with no value): Jamba's 1:7 attention-to-Mamba ratio (Lieber et al. 2024,
+# Sec. 2), near mamba2attn's 6 in 64; Dao & Gu 2024 (Sec. 9.2.3) found ~10% attention layers best.
+ATTN_EVERY = 8
+
+
+def attention_layers(n_layer: int, every: int) -> list[int]:
+    """One attention layer in every `every`, in the middle of each group as Jamba places them
+    (attn_layer_offset = every // 2, period every): [every // 2, every // 2 + every, ...]."""
+    if not 1 <= every <= n_layer:
+        raise ValueError(f"--attn-every {every}: give 1..n_layer ({n_layer})")
+    return list(range(every // 2, n_layer, every))
+
+
+def attention_shape(d_model: int) -> dict:
+    """attn_cfg for a hybrid of width d_model, after mamba2attn's: heads of 128 channels (64 below
+    d_model 2048), as many as fill d_model, RoPE on half of each head, a 4-tap conv over q, k, v,
+    no biases. GQA: override model.attn_cfg.num_heads_kv."""
+    head_dim = 128 if d_model >= 2048 else 64
+    if d_model % head_dim:
+        head_dim = next(h for h in (64, 32, 16, 8, 4, 2, 1) if d_model % h == 0)
+    return {"num_heads": d_model // head_dim, "head_dim": head_dim, "rotary_emb_dim": head_dim // 2, "d_conv": 4,
+            "causal": True, "qkv_proj_bias": False, "out_proj_bias": False}
 
 # Tokens per optimizer step when --global-batch-tokens is not given. The paper sizes follow the
 # GPT-3 recipes the Mamba paper trained with (Brown et al. 2020, Table 2.1: 0.5M tokens up to

@@ -47,7 +47,7 @@ def mamba1_sizes_by_hand(d: int, n_layer: int, vocab: int, n: int = 16, k: int =
     return n_layer * block + v * d + d, max(block, v * d), activations  # + embedding (tied head), norm_f
 
 
-@pytest.mark.parametrize("preset", sorted(MODEL_PRESETS))
+@pytest.mark.parametrize("preset", sorted(p for p in MODEL_PRESETS if "attn_layer_idx" not in MODEL_PRESETS[p]))
 def test_preset_sizes_are_mamba_ssm_shapes(preset):
     shape = dict(MODEL_PRESETS[preset], vocab_size=MODEL_PRESETS[preset]["vocab_size"] or 8192)
     cfg = load_config(None, [f"model.{k}={v}" for k, v in shape.items()])
@@ -84,7 +84,7 @@ def fused_gpu_model(preset: str) -> tuple:
                                               ("2.8b", "L40S-48GB", 4), ("1.6b", "H200-141GB", 1)])
 def test_plan_is_consistent_with_its_memory_model(preset, gpu, nodes):
     _, m, mem = fused_gpu_model(preset)
-    assert (mem.block, mem.compute, mem.gathered) == (planner.block_activation_bytes(m), 2, 2)
+    assert (mem.blocks, mem.compute, mem.gathered) == ({"mamba": planner.block_activation_bytes(m)}, 2, 2)
     gb, peak = planner.GPUS[gpu]
     ranks = 8 * nodes
     pl = planner.plan(m, mem, ranks=ranks, seq_len=2048, global_batch_tokens=2**20, tokens=10**10, memory_gb=gb,
@@ -192,16 +192,22 @@ def test_cpu_plans_checkpoint_only_when_nothing_fits_without(packed):
         cpu_plan(one_checkpointed - 10**4)
 
 
-@pytest.mark.parametrize("ssm", ["mamba1", "mamba2"])
+HYBRID = ["model.attn_layer_idx=[1]", "model.attn_cfg.num_heads=4", "model.attn_cfg.num_heads_kv=2",
+          "model.attn_cfg.rotary_emb_dim=8", "model.attn_cfg.d_conv=4", "model.d_intermediate=100"]
+
+
+@pytest.mark.parametrize("ssm", ["mamba1", "mamba2", "mamba2+attention"])
 @pytest.mark.parametrize("precision", ["fp32", "amp_bf16"])
 def test_activation_count_is_what_autograd_saves(ssm, precision):
     """The memory model's activations (the pure-PyTorch blocks, measured on fake tensors, plus the
     loss's per-token terms) against the tensors a real forward of a 3-layer LM saves for its
-    backward, counted per storage; two batch sizes, so that per-weight copies cancel."""
+    backward, counted per storage; two batch sizes, so that per-weight copies cancel. The hybrid
+    (attention in layer 1, MLPs everywhere) sums two kinds of block."""
     amp = precision == "amp_bf16"
+    hybrid = HYBRID if ssm.endswith("+attention") else []
     cfg = load_config(None, ["model.d_model=64", "model.n_layer=3", "model.vocab_size=512", "data.seq_len=128",
-                             f"model.ssm_layer={ssm}", "model.chunk_size=32", "model.headdim=32",
-                             f"trainer.precision={precision}"])
+                             f"model.ssm_layer={ssm.split('+')[0]}", "model.chunk_size=32", "model.headdim=32",
+                             f"trainer.precision={precision}", *hybrid])
     size = planner.measure_model(cfg.model)
     mem = planner.memory_model(cfg, size, "gpu" if amp else "cpu")
     model = build_model(cfg.model, device="cpu").to(torch.bfloat16 if amp else torch.float32)  # as FSDP gathers it
@@ -316,3 +322,66 @@ def test_errors_name_what_the_user_gave_never_a_temporary_file(packed, tmp_path)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
         assert ".tmp" not in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing left behind
+
+
+def test_hybrid_sizes_and_fused_attention_count_by_hand():
+    """A hybrid's sizes read off the built model, and the fused count of its attention block
+    written out from the module docstring (h = 4, h_kv = 2, D = 16, Q = 128; MLP 100 -> 128)."""
+    cfg = load_config(None, ["model.d_model=64", "model.n_layer=3", "model.vocab_size=512",
+                             "model.ssm_layer=mamba2", "model.headdim=32", *HYBRID])
+    size = planner.measure_model(cfg.model)
+    model = build_model(cfg.model, device="cpu")
+    assert size.params == sum(p.numel() for p in model.parameters())
+    assert size.layer_kinds == ("mamba", "attention", "mamba")
+    assert size.largest_unit == max(max(sum(p.numel() for p in layer.parameters()) for layer in model.backbone.layers),
+                                    model.backbone.embedding.weight.numel())
+    d, q, i = 64, (4 + 2 * 2) * 16, 128
+    mlp = 4 * d + 2 * d + 2 * 2 * i + 2 * i
+    attention = 4 * d + 2 * d + 2 * q + 2 * q + 2 * (4 + 2) * 16 + 2 * 4 * 16 + 4 * 4 + mlp
+    assert planner.block_activation_bytes(size, "attention") == attention
+    mem = planner.memory_model(load_config(None, ["model.d_model=64", "model.n_layer=3", "model.vocab_size=512",
+                                                  "model.ssm_layer=mamba2", "model.headdim=32", "model.kernels=cuda",
+                                                  *HYBRID]), size, "gpu")
+    per_token = 2 * mem.blocks["mamba"] + mem.blocks["attention"]
+    assert planner.activation_bytes_per_token(size, mem, checkpointing=False) == per_token
+    # Checkpointing every block: each keeps its input, plus the largest block recomputed.
+    assert planner.activation_bytes_per_token(size, mem, checkpointing=True) == \
+        3 * (4 + 2) * d + max(mem.blocks.values())
+
+
+def test_mamba2attn_preset_is_the_published_shape():
+    """state-spaces/mamba2attn-2.7b, counted from mamba-ssm's shapes (modules/mamba2.py, mha.py):
+    58 Mamba-2 layers (E = 5120, N = 128, 80 heads of 64, one group) and 6 attention layers (30
+    heads of 128, q k v = 90 x 128 channels, 4-tap conv, no biases), tied 50,277 -> 50,288 vocab."""
+    preset = MODEL_PRESETS["mamba2attn-2.7b"]
+    cfg = load_config(None, [f"model.{k}={v}" for k, v in preset.items() if k != "attn_cfg"] +
+                      [f"model.attn_cfg.{k}={v}" for k, v in preset["attn_cfg"].items()])
+    size = planner.measure_model(cfg.model)
+    d, e, n, h = 2560, 5120, 128, 80
+    mamba = d * (2 * e + 2 * n + h) + (e + 2 * n) * 5 + 3 * h + e + e * d + d
+    q = 90 * 128
+    attention = d * q + q * 5 + 30 * 128 * d + d
+    vocab = 50288
+    assert size.params == 58 * mamba + 6 * attention + vocab * d + d
+    assert size.layer_kinds.count("attention") == 6 and size.layer_kinds[9] == "attention"
+
+
+def test_hybrid_flags_write_a_valid_hybrid(tmp_path):
+    out = tmp_path / "h.yaml"
+    proc = run("create_mamba_config.py", "--preset", "tiny", "--attn-every", "--vocab-size", "512", "--out", str(out))
+    cfg = load_config(out)
+    assert cfg.model.attn_layer_idx == [2] and cfg.model.attn_cfg.num_heads == 2  # 4 layers: one in 4, head_dim 64
+    assert "hybrid       attention at layers [2] (2 heads)" in proc.stdout
+    proc = run("create_mamba_config.py", "--d-model", "256", "--n-layer", "16", "--vocab-size", "512",
+               "--gpus-per-node", "0", "--attn-every", "--out", str(out))
+    assert load_config(out).model.attn_layer_idx == [4, 12]  # one in 8, mid-group
+    run("create_mamba_config.py", "--preset", "tiny", "--attn-layers", "0,3", "--vocab-size", "512",
+        "--out", str(out), "model.attn_cfg.num_heads_kv=1")
+    cfg = load_config(out)
+    assert (cfg.model.attn_layer_idx, cfg.model.attn_cfg.num_heads_kv) == ([0, 3], 1)
+    for flags, message in ((["--attn-layers", "1", "--attn-every", "2"], "not both"),
+                           (["--attn-layers", "4"], "model.attn_layer_idx=[4]: give distinct layer indices in 0..3"),
+                           (["--attn-every", "9"], "--attn-every 9: give 1..n_layer (4)")):
+        proc = run("create_mamba_config.py", "--preset", "tiny", "--vocab-size", "512", "--out", str(out), *flags,
+                   ok=False)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr

@@ -9,8 +9,10 @@ document (no document starts in (j, i]). Grouped-query attention (Ainslie et al.
 h reads key/value head h // (h_q / h_kv).
 
 `document_attention` runs torch's `scaled_dot_product_attention` (SDPA): with its built-in causal
-mask (its fused kernels) when no document starts inside the window, else with an explicit
-(batch, 1, L, L) block-diagonal causal mask. A masked key gets weight exactly 0, so each
+mask without document starts, else with an explicit (batch, 1, L, L) block-diagonal causal mask
+(built on the device, never inspected on the host: no synchronisation, and the planner can measure
+it on fake tensors). Both take SDPA's fused kernels: on CPU its flash kernel, which takes the
+mask and keeps O(L) per query beside the mask itself; on GPU the memory-efficient kernel. A masked key gets weight exactly 0, so each
 document's output is independent of the other documents up to the rounding of the softmax sum
 (tests/model/test_attention.py). `attention_ref` is the textbook formula in float64 with the mask
 built by loops, for tests.
@@ -79,7 +81,7 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, reset:
     document starts or None. Returns (batch, L, h, D): causal attention inside each document."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA takes (batch, heads, L, D)
     gqa = q.shape[1] != k.shape[1]
-    if reset is None or not bool(reset[:, 1:].any()):
+    if reset is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(reset), scale=scale,

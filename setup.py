@@ -9,10 +9,9 @@ from setuptools import find_packages, setup
 # monitoring: TensorBoard (logging.tensorboard_dir), W&B (logging.wandb_project; Composer 0.32
 # takes wandb<0.19, which needs protobuf<6, hence tensorboard<2.20), tools/plot_metrics.py
 MONITOR = ["tensorboard<2.20", "wandb>=0.13.2,<0.19", "matplotlib"]
-# tools/pack.py inputs and tokenizers: Parquet/Arrow, .zst, HF datasets (hub <1.0 keeps transformers
-# 4.53 working), PDF, Lance datasets, SentencePiece tokenizer.model files (read through protobuf)
-FORMATS = ["pyarrow", "zstandard", "datasets>=2.19,<4.2", "huggingface-hub<1.0", "pypdf>=5", "pylance",
-           "sentencepiece", "protobuf"]
+# tools/pack.py inputs: Parquet/Arrow, .zst, HF datasets (hub <1.0 keeps transformers 4.53 working),
+# PDF, Lance datasets. (SentencePiece tokenizer.model files are read without a package.)
+FORMATS = ["pyarrow", "zstandard", "datasets>=2.19,<4.2", "huggingface-hub<1.0", "pypdf>=5", "pylance"]
 # transformers is the reference our model is checked against and exported to (<4.54 fits torch 2.7)
 TRANSFORMERS = ["transformers>=4.44,<4.54"]
 
@@ -40,7 +39,8 @@ setup(
         # benchmarks/model_cpu.py: HF transformers' Mamba, default and mamba.py (mambapy) paths
         "bench": TRANSFORMERS + ["mambapy"],
         # the test suite: every CPU-side extra
-        "dev": ["pytest", "hypothesis"] + TRANSFORMERS + MONITOR + FORMATS,
+        # sentencepiece: the reference the converted tokenizer.model files are checked against
+        "dev": ["pytest", "hypothesis", "sentencepiece"] + TRANSFORMERS + MONITOR + FORMATS,
         "all": ["pytest", "mambapy"] + TRANSFORMERS + MONITOR + FORMATS,
     },
 )

@@ -106,7 +106,8 @@ def main(argv=None) -> int:
         return merge_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files, directories, dataset dirs, hf:NAME")
-    parser.add_argument("--tokenizer", required=True, help='"byte", "bpe:N" or a path to tokenizer.json')
+    parser.add_argument("--tokenizer", required=True, help='"byte", "bpe:N", a HF tokenizer.json, a SentencePiece tokenizer.model, '
+                        'or a directory holding either')
     parser.add_argument("--out", required=True, help="new or empty output directory (or an interrupted run's)")
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
     parser.add_argument("--workers", type=int, default=1, help="tokenizing processes (output does not depend on it)")

@@ -7,7 +7,8 @@ index.json, written last (its presence means every shard is in place):
     layout_version   mamba.layout.LAYOUT_VERSION the shards were written with
     tokenizer        {kind, name, sha256, vocab_size[, path]}: sha256 of the tokenizer.json bytes
     eos_id           the EOS id (kept for older readers; also in special_tokens)
-    special_tokens   {eos, bos, pad, fim_prefix, fim_middle, fim_suffix}: ids of those present
+    special_tokens   {eos, bos, pad, unk, fim_prefix, fim_middle, fim_suffix}: ids of those present
+                     (unk: SentencePiece models)
     bos, eos         whether each document starts with BOS / ends with EOS
     split            "train" / "val" when packed with a validation fraction, else absent
     total_tokens, total_documents

@@ -1,6 +1,6 @@
 """Tokenizers behind one small interface, so packing and generation do not care which kind is used.
 
-Three kinds, chosen by a spec string:
+Kinds, chosen by a spec string:
 
     "byte"          built in: ids 0..255 are the UTF-8 bytes, then the special tokens below
     "bpe:N"         train a byte-level BPE of N entries on the input texts (HF `tokenizers`) and
@@ -8,6 +8,12 @@ Three kinds, chosen by a spec string:
     path            a HF tokenizer.json, or a directory holding one; a tokenizer_config.json beside
                     it names the BOS and EOS tokens (bos_token, eos_token), else the usual names
                     in SPECIAL_CANDIDATES are looked for
+    path            a SentencePiece tokenizer.model (Llama-2, Mistral, Gemma; any file with a .model
+                    suffix or that is not JSON), or a directory holding one and no tokenizer.json:
+                    converted to a HF tokenizer with the same ids by mamba.data.sentencepiece (its
+                    tokenizer.json is what pack writes beside the shards). BOS, EOS, pad and unk are
+                    the model's own (<s>, </s>, ...); a tokenizer_config.json beside it and --eos
+                    still take precedence
 
 Every tokenizer offers encode_batch(texts) -> list of id lists, decode(ids) -> str, vocab_size,
 eos_id and identity (a dict recorded in the packed dataset's index.json, so a checkpoint can be
@@ -31,6 +37,7 @@ from mamba import layout
 from mamba.files import write_atomic
 
 CONFIG_NAME = "tokenizer_config.json"  # HF's file naming a tokenizer's special tokens
+SENTENCEPIECE_NAME = "tokenizer.model"  # the name SentencePiece models ship under
 EOS_TOKEN = "<|endoftext|>"
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>")
 # Names tried, in order, to find each special token of a tokenizer.json; the manifest records the
@@ -90,20 +97,25 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A HF `tokenizers.Tokenizer` loaded from a tokenizer.json file.
+    """A HF `tokenizers.Tokenizer` loaded from a tokenizer.json file, or from `converted`: the
+    tokenizer.json text made from `path` (a SentencePiece model).
 
     Texts are encoded without the tokenizer's post-processor (no BOS/EOS added: packing appends
     EOS itself) and with special-token names in the text treated as plain text, so a file that
     happens to contain "<|endoftext|>" does not end its document early.
     """
 
-    def __init__(self, path: Path, kind: str, name: str, eos: str | None = None, declared: dict | None = None):
+    def __init__(self, path: Path, kind: str, name: str, eos: str | None = None, declared: dict | None = None,
+                 converted: bytes | None = None):
         from tokenizers import Tokenizer
 
         self.path = path
-        self.json_bytes = data = path.read_bytes()  # kept so pack can copy the exact file
+        data = path.read_bytes()  # the identity's sha256 is the source file's
+        # json_bytes: what pack writes as the packed data's tokenizer.json (the exact file, or the
+        # conversion, which later loads as a plain tokenizer.json for generation and export).
+        self.json_bytes = data if converted is None else converted
         try:
-            self._tok = Tokenizer.from_str(data.decode("utf-8"))
+            self._tok = Tokenizer.from_str(self.json_bytes.decode("utf-8"))
         except Exception as e:  # the Rust side raises a bare Exception on malformed files
             raise ValueError(f"{path}: not a HF tokenizer.json ({e})") from None
         self._tok.encode_special_tokens = True
@@ -218,15 +230,43 @@ def load_tokenizer(spec: str, inputs_for_training: Iterable[str] | None = None,
         train_bpe(size, inputs_for_training, path)
         return HFTokenizer(path, kind="bpe", name=spec)
     path = Path(spec)
-    if path.is_dir():
-        path = path / "tokenizer.json"
+    if path.is_dir():  # its tokenizer.json if it has one, else its tokenizer.model
+        json_path, model_path = path / "tokenizer.json", path / SENTENCEPIECE_NAME
+        path = model_path if not json_path.is_file() and model_path.is_file() else json_path
     if not path.is_file():
         raise FileNotFoundError(
             f"tokenizer spec {spec!r}: {path} does not exist; use 'byte', 'bpe:N' or a path to a "
-            f"HF tokenizer.json (or a directory holding one)"
+            f"HF tokenizer.json or a SentencePiece tokenizer.model (or a directory holding one)"
         )
-    return HFTokenizer(path.resolve(), kind="hf", name=path.name, eos=eos,
-                       declared=declared_specials(path.parent / CONFIG_NAME))
+    declared = declared_specials(path.parent / CONFIG_NAME)
+    if _is_sentencepiece(path):
+        return _sentencepiece_tokenizer(path.resolve(), eos, declared)
+    return HFTokenizer(path.resolve(), kind="hf", name=path.name, eos=eos, declared=declared)
+
+
+def _is_sentencepiece(path: Path) -> bool:
+    """Whether to read `path` as a SentencePiece model: by its suffix (.model or .json), else by
+    its content: a tokenizer.json is a JSON object, "{" first; a model is a protobuf, whose first
+    byte is a field's key ("{" would be field 15 as a group, which the format does not have)."""
+    if path.suffix in (".model", ".json"):
+        return path.suffix == ".model"
+    with open(path, "rb") as f:
+        return not f.read(64).lstrip().startswith(b"{")
+
+
+def _sentencepiece_tokenizer(path: Path, eos: str | None, declared: dict[str, str]) -> HFTokenizer:
+    """The HF tokenizer converted from SentencePiece model `path`, with the model's own BOS, EOS and
+    pad (tokenizer_config.json's `declared` names and --eos still take precedence) and its unk."""
+    from mamba.data import sentencepiece
+
+    model = sentencepiece.read_model(path)
+    ids = model.special_ids()
+    own = {key: model.pieces[i].piece for key, i in ids.items() if key != "unk"}
+    tok = HFTokenizer(path, kind="sentencepiece", name=path.name, eos=eos, declared={**own, **declared},
+                      converted=sentencepiece.to_hf_json(model).encode("utf-8"))
+    if "unk" in ids:
+        tok.special_tokens["unk"] = ids["unk"]
+    return tok
 
 
 def write_tokenizer_files(tokenizer_path: Path, out: Path) -> dict[str, int | None]:

@@ -235,3 +235,25 @@ def test_strip_html_packs_a_page_as_its_text(tmp_path):
     assert "<a href" in texts[None] and "<a href" not in texts["--strip-html"]
     assert "JSON (JavaScript Object Notation)" in texts["--strip-html"]
     assert len(texts["--strip-html"]) < len(texts[None]) / 2
+
+
+def test_a_directory_holding_only_a_sentencepiece_model(tmp_path):
+    """--tokenizer DIR with only a tokenizer.model (as Llama / Mistral checkpoints ship it): each
+    document is sentencepiece's own encoding plus </s>, and a tokenizer.json lands beside the shards."""
+    spm = pytest.importorskip("sentencepiece")
+    (tmp_path / "corpus.txt").write_text("".join(Path(p).read_text(encoding="utf-8") for p in SMALL[1::4]))
+    model = tmp_path / "llama" / "tokenizer"
+    model.parent.mkdir()
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(model), model_type="bpe",
+                                   vocab_size=500, byte_fallback=True, minloglevel=2, num_threads=1)
+    (model.parent / "tokenizer.vocab").unlink()  # the directory holds tokenizer.model alone
+    run = pack_cli("--tokenizer", model.parent, "--out", tmp_path / "o", "--quiet", *SMALL[:4])
+    assert run.returncode == 0, run.stderr
+    assert "tokenizer tokenizer.model (sentencepiece, vocab 500)" in run.stdout
+    sp = spm.SentencePieceProcessor(model_file=str(model.parent / "tokenizer.model"))
+    shards = json.loads((tmp_path / "o" / "index.json").read_text())["shards"]
+    ids, positions, _ = layout.decode(np.concatenate([np.load(tmp_path / "o" / s["file"]) for s in shards]))
+    docs = [d.tolist() for d in np.split(ids, np.flatnonzero(positions == 0)[1:])]
+    texts = [Path(p).read_text(encoding="utf-8") for p in SMALL[:4]]
+    assert docs == [e + [sp.eos_id()] for e in sp.encode(texts)]
+    assert load_tokenizer(str(tmp_path / "o")).encode_batch(["naïve 中文"]) == sp.encode(["naïve 中文"])

@@ -2,7 +2,8 @@
 1-rank training runs: a full checkpoint via mamba.training.train, a DCP-sharded one via FSDP2.
 
 The exported directory must load in HF transformers (model and tokenizer) and give the trained
-model's logits (float32, |diff| <= 1e-5 * (1 + max|logits|)), or exactly its weights.
+model's logits (float32, |diff| <= 1e-5 * (1 + max|logits|)), or exactly its weights; --format
+mamba-ssm reads back here with identical logits. Hybrids: tests/model/test_interchange.py.
 """
 import importlib.util
 import os
@@ -27,6 +28,7 @@ from mamba.data.tokenizer import load_tokenizer
 from mamba.model.composer_model import ComposerMambaLM
 from mamba.model.factory import build_model
 from mamba.model.generation import generate
+from mamba.model.hf import model_from_pretrained
 from mamba.runs.checkpoints import load_model_from_checkpoint, resolve_checkpoint
 from mamba.training.trainer import train
 
@@ -100,6 +102,26 @@ def test_export_from_save_folder_loads_in_transformers(trained):
     with torch.no_grad():
         ours, ref = model(ids), hf(ids).logits
     assert (ours - ref).abs().max().item() <= 1e-5 * (1 + ref.abs().max().item())
+
+
+def test_export_format_choice_on_the_command_line(trained, tmp_path, capsys):
+    """--format mamba-ssm writes mamba-ssm's layout (with the tokenizer), which reads back as the
+    trained model; --format bamba refuses this pure Mamba-1 model with the reason, writing nothing."""
+    work, save_folder, model = trained
+    out = tmp_path / "ssm"
+    assert export_tool.main([str(save_folder), str(out), "--format", "mamba-ssm"]) == 0
+    assert f"to {out} as mamba-ssm with tokenizer" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "pytorch_model.bin", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    ids = torch.tensor([load_tokenizer(str(out / "tokenizer.json")).encode_batch(["import os\n"])[0]])
+    with torch.no_grad():
+        assert torch.equal(model_from_pretrained(out)(ids), model(ids))
+
+    with pytest.raises(SystemExit) as exit_info:
+        export_tool.main([str(save_folder), str(tmp_path / "bamba"), "--format", "bamba"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "ssm_layer=mamba1: Bamba's Mamba layers are Mamba-2" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ssm"]
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])

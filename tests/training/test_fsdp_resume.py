@@ -1,7 +1,7 @@
 """The real launch line on 2 CPU ranks with FSDP2: loss falls, runs are deterministic, resume is
 bit-identical, FSDP trains the same model as one device, and the other strategies work.
 
-Six `composer -n 2 mamba/train.py` launches (each ~10 s of start-up, so no more), all evaluating
+Eight `composer -n 2 mamba/train.py` launches (each ~10 s of start-up, so no more), all evaluating
 on a held-out split every 10 batches:
   A  20 batches uninterrupted; rank 1 builds the model on the meta device and gets rank 0's
      weights when FSDP2 shards it (Composer's sync_module_states, seen in rank 0's log);
@@ -15,6 +15,9 @@ on a held-out split every 10 batches:
      (their own FSDP units), WSD on token durations: trains, and the logged lr follows the schedule.
   E  NO_SHARD: two replicas, gradients all-reduced across them (where gloo can average: the same
      losses and gradient norms as A; elsewhere refused with the reason).
+  F  a hybrid (Mamba-2 with an attention layer, GQA, RoPE, conv and MLPs) with activation
+     checkpointing of every block, 6 batches exporting at the end; relaunched with its newest
+     checkpoint deleted, it resumes from batch 3 and retrains batches 4..6 to the same losses.
 and one single-process run (a 1-rank FSDP2 mesh, no gradient reduction): the same losses and gradient norms as A (rank 1's shards
 got rank 0's initial weights, and FSDP2 averages gradients over ranks, not sums them, whatever the
 backend).
@@ -187,3 +190,32 @@ def test_two_replicas_average_like_one_process_where_gloo_averages(tiny_config):
     for key in ("loss/train/total", "train/grad_norm"):
         two, replicas = logged(tiny_config, "whole", key), logged(tiny_config, "replicas", key)
         close(replicas, {b: two[b] for b in range(1, 6)}, 1e-5, key)  # fp32 sums in another order
+
+
+HYBRID = ("model.ssm_layer=mamba2", "model.headdim=32", "model.attn_layer_idx=[1]", "model.attn_cfg.num_heads=4",
+          "model.attn_cfg.num_heads_kv=2", "model.attn_cfg.rotary_emb_dim=8", "model.attn_cfg.d_conv=4",
+          "model.d_intermediate=64", "fsdp.activation_checkpointing=true", "trainer.export_hf=true",
+          "trainer.save_interval=3ba", "trainer.max_duration=6ba")
+
+
+def test_hybrid_trains_with_checkpointing_resumes_bit_identically_and_exports(tiny_config):
+    import shutil
+
+    from mamba.model.hf import model_from_pretrained
+
+    launch(tiny_config, "run_name=hybrid_attn", *HYBRID)
+    folder = tiny_config.parent / "hybrid_attn" / "ckpt"
+    first = losses(tiny_config, "hybrid_attn")
+    assert sorted(first) == list(range(1, 7)) and all(math.isfinite(v) for v in first.values())
+    exported = model_from_pretrained(folder / "hf")
+    assert [type(layer.mixer).__name__ for layer in exported.backbone.layers] == ["Mamba2", "MHA"]
+    newest = [p for p in folder.iterdir() if "ba6" in p.name]
+    assert newest, sorted(p.name for p in folder.iterdir())
+    for p in newest:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    launch(tiny_config, "run_name=hybrid_attn", *HYBRID)
+    rows = [r["batch"] for r in read_metrics(str(folder.parent / "metrics.jsonl")) if "loss/train/total" in r]
+    assert sorted(rows) == [1, 2, 3, 4, 4, 5, 5, 6, 6], f"not resumed from batch 3: {rows}"
+    again = losses(tiny_config, "hybrid_attn")  # a resumed batch's later line wins
+    for b in (4, 5, 6):
+        assert again[b] == first[b], f"batch {b} after resuming from batch 3: {again[b]!r} != {first[b]!r}"

@@ -68,3 +68,16 @@ def test_decay_is_decoupled_and_only_on_the_decay_group():
             torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=0)
         if n.endswith(("A_log", ".D", "norm.weight")):
             assert torch.equal(p.detach(), before[n]), n
+
+
+def test_hybrid_attention_and_mlp_parameters_are_grouped_like_mamba_ssm():
+    """Attention (with biases and conv) and MLP weights decay; their biases and the MLP norms do not."""
+    m = MambaLMHeadModel(MambaConfig(d_model=16, n_layer=2, vocab_size=50, attn_layer_idx=(1,), d_intermediate=32,
+                                     attn_cfg=dict(num_heads=2, d_conv=4)))
+    decay, exempt = groups_by_name(m, OptimizerConfig())
+    attn, mlp = "backbone.layers.1.mixer.", "backbone.layers.{}.mlp."
+    assert {attn + "in_proj.weight", attn + "conv1d.weight", attn + "out_proj.weight"} <= decay
+    assert {mlp.format(i) + f"fc{k}.weight" for i in range(2) for k in (1, 2)} <= decay
+    assert {attn + "in_proj.bias", attn + "conv1d.bias", attn + "out_proj.bias"} <= exempt
+    assert {f"backbone.layers.{i}.norm2.weight" for i in range(2)} <= exempt
+    assert decay | exempt == {n for n, _ in m.named_parameters()} and not decay & exempt

@@ -185,6 +185,8 @@ def validate(cfg: TrainConfig) -> None:
                  f"model.headdim={m.headdim} must divide expand * d_model = {d_inner} (ssm_layer mamba2)")
         _require((d_inner // max(m.headdim, 1)) % m.ngroups == 0,
                  f"model.ngroups={m.ngroups} must divide the number of heads {d_inner // max(m.headdim, 1)}")
+    if m.ssm_layer == "mamba3":
+        _validate_mamba3(m)
     _validate_hybrid(m)
     _require(
         0 < m.vocab_size <= layout.MAX_VOCAB_SIZE,
@@ -239,6 +241,22 @@ def validate(cfg: TrainConfig) -> None:
         f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
         f"trainer.micro_batch_size={t.micro_batch_size}; change one of them",
     )
+
+
+def _validate_mamba3(m) -> None:
+    """The Mamba-3 mixer's shape rules (mamba/model/mamba3.py), named by key with the fix."""
+    d_inner = m.expand * m.d_model
+    _require(d_inner % m.headdim == 0,
+             f"model.headdim={m.headdim} must divide expand * d_model = {d_inner} (ssm_layer mamba3)")
+    _require((d_inner // max(m.headdim, 1)) % m.ngroups == 0,
+             f"model.ngroups={m.ngroups} must divide the number of heads {d_inner // max(m.headdim, 1)} "
+             "(ssm_layer mamba3)")
+    _require(m.rope_fraction in (0.5, 1.0),
+             f"model.rope_fraction={m.rope_fraction}: choose 0.5 or 1.0 (mamba-ssm's Mamba-3 allows these)")
+    _require(int(m.d_state * m.rope_fraction) >= 2,
+             f"model.d_state={m.d_state} with model.rope_fraction={m.rope_fraction} rotates no channel pair; "
+             "use d_state >= 4 (or rope_fraction 1.0)")
+    _require(m.A_floor > 0, f"model.A_floor={m.A_floor} must be positive (the decay rate is clamped to A <= -A_floor)")
 
 
 def _validate_hybrid(m) -> None:

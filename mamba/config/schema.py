@@ -15,7 +15,7 @@ from typing import Annotated, Literal, Optional
 # field against its values (one generic rule), and the model, kernels, schedules and callbacks take
 # their lists from here (typing.get_args) instead of keeping copies. A field typed
 # Annotated[Literal[...], "text"] gives the loader's error that text in place of the bare list.
-SsmLayer = Literal["mamba1", "mamba2"]
+SsmLayer = Literal["mamba1", "mamba2", "mamba3"]
 KernelMode = Literal["auto", "torch", "cuda"]
 SchedulerName = Literal["cosine", "linear", "constant", "wsd"]
 DecayShape = Literal["linear", "1-sqrt"]
@@ -68,7 +68,9 @@ class ModelConfig:
     vocab_size: int = 65024
     """Tokenizer vocabulary size; must cover every token id in the data (checked before training)."""
     ssm_layer: SsmLayer = "mamba1"
-    """Mixer type: "mamba1" (selective scan, Gu & Dao 2023) or "mamba2" (SSD, Dao & Gu 2024)."""
+    """Mixer type: "mamba1" (selective scan, Gu & Dao 2023), "mamba2" (SSD, Dao & Gu 2024) or "mamba3"
+    (SISO, Lahoti et al. 2026; no conv, so d_conv is unused; headdim, ngroups and chunk_size apply
+    as for mamba2, mamba-ssm's Mamba-3 defaults being d_state 128 and chunk_size 64)."""
     d_state: int = 16
     """SSM state size N per channel (mamba-ssm's Mamba-2 models use 128)."""
     d_conv: int = 4
@@ -83,6 +85,15 @@ class ModelConfig:
     """Mamba-2 only: chunk length of the SSD scan (speed/memory trade-off; same result)."""
     A_init_range: list = field(default_factory=lambda: [1.0, 16.0])
     """Mamba-2 only: [low, high], A ~ U(low, high) per head at init (A_log = log A), 0 < low <= high."""
+    rope_fraction: float = 0.5
+    """Mamba-3 only: fraction of the d_state channels of B and C rotated by the data-dependent
+    rotary angles (the complex-valued state), 0.5 or 1.0 (mamba-ssm's choices)."""
+    A_floor: float = 1e-4
+    """Mamba-3 only: the data-dependent decay rate is clamped to A <= -A_floor (< 0), so a state
+    always forgets a little."""
+    is_outproj_norm: bool = False
+    """Mamba-3 only: a per-head RMSNorm of the scan output before the silu(z) gate and out_proj
+    (mamba-ssm's is_outproj_norm; adds norm.weight); false: the gate alone."""
     dt_min: float = 0.001
     """Smallest initial step size dt (log-uniform in [dt_min, dt_max])."""
     dt_max: float = 0.1

@@ -1,4 +1,4 @@
-"""FLOPs per token of a Mamba-1, Mamba-2 or hybrid language model, for throughput and MFU reporting.
+"""FLOPs per token of a Mamba-1, Mamba-2, Mamba-3 or hybrid language model, for throughput and MFU reporting.
 
 One multiply-add = 2 FLOPs; a (m x k) @ (k x n) matmul costs 2 m k n. Per token, forward pass,
 with d = d_model, E = d_inner = expand * d, N = d_state, K = d_conv, V = padded vocab:
@@ -27,6 +27,18 @@ capped at the sequence length), matmuls:
     C s_in    2 * N * E           outputs from the state entering the chunk
     conv1d    2 * (E + 2GN) * K   the conv runs over x, B and C together
 
+Mamba-3 layer (SISO; Lahoti et al. 2026, arXiv 2603.15569; mamba-ssm 2.3.2's `Mamba3`; S = the
+rotary angles, mamba3.rope_angles), matmuls:
+    in_proj   2 * d * (2E + 2GN + 3H + S)   z, x, B, C, dt, A, trap and the angles in one projection
+    out_proj  2 * E * d
+  and the chunked scan (ops/mamba3_scan.py, the SSD steps with keys and queries per head, since the
+  rotary angles depend on each head's dt; mamba-ssm's kernel computes the same blocks):
+    q k^T     2 * Q * H * N       intra-chunk scores, per head
+    W x       2 * Q * E           intra-chunk outputs
+    states    2 * N * E           each chunk's final state
+    q s_in    2 * N * E           outputs from the state entering the chunk
+  No conv. The rotations, B/C norms, trapezoid weights and angle sums are O(H N) per token: ignored.
+
 Attention layer of a hybrid (mamba-ssm's MHA; h query heads, h_kv key/value heads, D head_dim,
 L the sequence length), matmuls:
     in_proj   2 * d * (h + 2 h_kv) D   q, k and v
@@ -53,6 +65,7 @@ App. B), so MFU stays comparable across recomputation settings.
 from __future__ import annotations
 
 from mamba.model.mamba1 import resolve_dt_rank
+from mamba.model.mamba3 import rope_angles
 from mamba.model.mlp import mlp_width
 
 
@@ -80,6 +93,22 @@ def ssd_flops(config, q: int) -> int:
     """Forward FLOPs per token of the chunked SSD scan's matmuls with chunk length q."""
     e, n, g = config.expand * config.d_model, config.d_state, config.ngroups
     return 2 * q * g * n + 2 * q * e + 4 * n * e
+
+
+def mamba3_layer_flops(config, seq_len: int | None = None) -> tuple[int, int]:
+    """(matmul in Linear layers, chunked scan) forward FLOPs per token of one Mamba-3 mixer."""
+    d, n, g = config.d_model, config.d_state, config.ngroups
+    e = config.expand * d
+    h = e // config.headdim
+    q = config.chunk_size if seq_len is None else min(config.chunk_size, seq_len)  # the scan's Q
+    matmul = 2 * d * (2 * e + 2 * g * n + 3 * h + rope_angles(n, config.rope_fraction)) + 2 * e * d
+    return matmul, mamba3_scan_flops(config, q)
+
+
+def mamba3_scan_flops(config, q: int) -> int:
+    """Forward FLOPs per token of the chunked Mamba-3 scan's matmuls with chunk length q."""
+    e, n = config.expand * config.d_model, config.d_state
+    return 2 * q * (e // config.headdim) * n + 2 * q * e + 4 * n * e
 
 
 def attention_layer_flops(config, seq_len: int) -> tuple[int, int]:
@@ -110,8 +139,10 @@ def layer_flops(config, seq_len: int | None = None, layer_idx: int = 0) -> tuple
         matmul, other = mamba1_layer_flops(config)
     elif config.ssm_layer == "mamba2":
         matmul, other = mamba2_layer_flops(config, seq_len)
+    elif config.ssm_layer == "mamba3":
+        matmul, other = mamba3_layer_flops(config, seq_len)
     else:
-        raise ValueError(f"flops: ssm_layer={config.ssm_layer!r} has no FLOPs formula (mamba1 | mamba2)")
+        raise ValueError(f"flops: ssm_layer={config.ssm_layer!r} has no FLOPs formula (mamba1 | mamba2 | mamba3)")
     return matmul + mlp_flops(config), other
 
 
@@ -123,7 +154,7 @@ def forward_matmul_flops_per_token(config, seq_len: int | None = None) -> int:
 
 
 def forward_flops_per_token(config, seq_len: int | None = None) -> int:
-    """All forward FLOPs per token; seq_len caps Mamba-2's chunk length (None: chunk_size) and
+    """All forward FLOPs per token; seq_len caps Mamba-2's and Mamba-3's chunk length (None: chunk_size) and
     sets attention's length term (required with attention layers)."""
     return sum(sum(layer_flops(config, seq_len, i)) for i in range(config.n_layer)) + \
         2 * config.d_model * config.padded_vocab_size

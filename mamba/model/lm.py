@@ -32,6 +32,7 @@ from mamba.model.block import Block
 from mamba.model.loss import DEFAULT_CHUNK_SIZE, chunked_cross_entropy
 from mamba.model.mamba1 import Mamba
 from mamba.model.mamba2 import Mamba2
+from mamba.model.mamba3 import Mamba3
 from mamba.model.mlp import GatedMLP
 from mamba.model.ops import kernels
 from mamba.model.ops.rms_norm import RMSNorm
@@ -48,7 +49,7 @@ class MambaConfig:
     vocab_size: int
     """Tokenizer vocabulary size (before padding)."""
     ssm_layer: SsmLayer = "mamba1"
-    """Mixer: "mamba1" (selective scan) or "mamba2" (SSD, multi-head)."""
+    """Mixer: "mamba1" (selective scan), "mamba2" (SSD, multi-head) or "mamba3" (SISO, mamba3.py)."""
     d_state: int = 16
     """SSM state size N per channel (mamba-ssm's Mamba-2 default is 128)."""
     d_conv: int = 4
@@ -71,6 +72,12 @@ class MambaConfig:
     """Mamba-2: chunk length Q of the SSD scan (changes rounding only, not the result)."""
     A_init_range: tuple = (1.0, 16.0)
     """Mamba-2: A ~ U(A_init_range) per head at init (A_log = log A)."""
+    rope_fraction: float = 0.5
+    """Mamba-3: fraction of B's and C's d_state channels rotated by the data-dependent angles (0.5 or 1.0)."""
+    A_floor: float = 1e-4
+    """Mamba-3: the data-dependent decay rate is clamped to A <= -A_floor."""
+    is_outproj_norm: bool = False
+    """Mamba-3: per-head RMSNorm of the scan output before the silu(z) gate (adds norm.weight)."""
     kernels: KernelMode = "auto"
     """"auto" | "torch" | "cuda": mamba-ssm's CUDA kernels or the torch ops (ops/kernels.py)."""
     norm_eps: float = 1e-5
@@ -125,6 +132,11 @@ def make_mixer(config: MambaConfig, layer_idx: int) -> nn.Module:
     if c.ssm_layer == "mamba2":
         return Mamba2(c.d_model, headdim=c.headdim, ngroups=c.ngroups, chunk_size=c.chunk_size,
                       A_init_range=c.A_init_range, norm_eps=c.norm_eps, **common)
+    if c.ssm_layer == "mamba3":  # no conv: d_conv does not apply
+        return Mamba3(c.d_model, d_state=c.d_state, expand=c.expand, headdim=c.headdim, ngroups=c.ngroups,
+                      rope_fraction=c.rope_fraction, dt_min=c.dt_min, dt_max=c.dt_max,
+                      dt_init_floor=c.dt_init_floor, A_floor=c.A_floor, is_outproj_norm=c.is_outproj_norm,
+                      chunk_size=c.chunk_size, kernels_mode=c.kernels)
     raise ValueError(f"ssm_layer={c.ssm_layer!r}: choose one of {get_args(SsmLayer)}")
 
 

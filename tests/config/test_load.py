@@ -92,7 +92,7 @@ def test_wrong_types_name_the_key(tmp_path, text, pattern):
         ("trainer.micro_batch_size=5", r"global_batch_size=896 is not a multiple of trainer.micro_batch_size=5"),
         ("scheduler.t_warmup=10steps", r"scheduler.t_warmup='10steps' is not a duration"),
         ("scheduler.name=wsdx", r"scheduler.name='wsdx': choose one of"),
-        ("model.ssm_layer=mamba3", r"model.ssm_layer='mamba3'"),
+        ("model.ssm_layer=mamba4", r"model.ssm_layer='mamba4'"),
         ("optimizer.betas=[0.9]", r"optimizer.betas=\[0.9\] must be two numbers"),
         ("optimizer.no_decay=[1]", r"optimizer.no_decay=\[1\] must be a list of parameter-name parts"),
         ("fsdp.sharding_strategy=FULLSHARD", r"fsdp.sharding_strategy='FULLSHARD': choose one of"),

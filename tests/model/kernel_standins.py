@@ -79,3 +79,23 @@ STANDINS = {
     "causal_conv1d_fn": causal_conv1d_fn, "selective_scan_fn": selective_scan_fn, "mamba_inner_fn": mamba_inner_fn,
     "mamba_split_conv1d_scan_combined": mamba_split_conv1d_scan_combined, "rms_norm_fn": rms_norm_fn,
 }
+
+
+def mamba3_siso_combined(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Input_States=None,
+                         chunk_size=64, return_final_states=False, cu_seqlens=None):
+    """mamba-ssm 2.3.2's Mamba-3 SISO scan (ops/triton/mamba3/mamba3_siso_combined.py): Q = C, K = B
+    (b, l, G, N), V = x (b, l, H, P), ADT, DT, Trap (b, H, l), Angles (b, l, H, S); with cu_seqlens
+    (batch 1) each sequence starts from zero states. Here: the float64 sequential reference."""
+    from mamba.model.ops.mamba3_scan import mamba3_scan_ref
+
+    assert Input_States is None and not return_final_states, "the model passes neither"
+    reset = None
+    if cu_seqlens is not None:
+        assert Q.shape[0] == 1, "varlen mode takes one row"
+        reset = torch.zeros(1, Q.shape[1], dtype=torch.bool, device=Q.device)
+        reset[0, cu_seqlens[:-1].long()] = True
+    return mamba3_scan_ref(Q, K, V, ADT.transpose(1, 2), DT.transpose(1, 2), Trap.transpose(1, 2), Angles,
+                           Q_bias, K_bias, D, Z, reset)
+
+
+MAMBA3_STANDINS = {"mamba3_siso_combined": mamba3_siso_combined}

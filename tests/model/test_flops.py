@@ -82,3 +82,24 @@ def test_hybrid_linear_flops_match_flop_counter_and_attention_term_by_hand():
     assert forward_flops_per_token(config, length) == attention + 2 * mamba1 + 3 * mlp_flops + head
     with pytest.raises(ValueError, match="sequence length"):
         forward_flops_per_token(config)
+
+
+def test_mamba3_matmul_and_scan_flops_match_flop_counter():
+    """Mamba-3 (no conv; per-head rotated keys and queries): its Linear layers are aten.mm exactly,
+    and the chunked scan's matmuls (ops/mamba3_scan.py) are aten.bmm exactly, both times 3."""
+    from mamba.model.flops import mamba3_scan_flops
+
+    torch.manual_seed(0)
+    config = MambaConfig(d_model=32, n_layer=2, vocab_size=50, ssm_layer="mamba3", d_state=8, headdim=16,
+                         ngroups=2, chunk_size=8, kernels="torch", is_outproj_norm=True)
+    model = MambaLMHeadModel(config)
+    batch, length = 2, 16  # two chunks of 8
+    by_op = counted_train_flops(model, batch, length, config.vocab_size)
+    linear = by_op.get("aten.mm", 0) + by_op.get("aten.addmm", 0)
+    assert linear == 3 * forward_matmul_flops_per_token(config) * batch * length
+    # in_proj by hand: E 64, G 2, N 8, H 4, S = int(8 * 0.5) // 2 = 2 rotary angles.
+    assert forward_matmul_flops_per_token(config) == 2 * (2 * 32 * (2 * 64 + 2 * 2 * 8 + 3 * 4 + 2) + 2 * 64 * 32) \
+        + 2 * 32 * 56
+    assert by_op["aten.bmm"] == 3 * config.n_layer * mamba3_scan_flops(config, q=8) * batch * length
+    assert forward_flops_per_token(config, seq_len=4) < forward_flops_per_token(config) == \
+        forward_flops_per_token(config, seq_len=8)

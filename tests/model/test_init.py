@@ -98,7 +98,7 @@ def test_untied_head_and_config_mapping():
     (["model.ssm_layer=mamba2", "model.ngroups=5"], "ngroups=5 must divide"),
     (["model.kernels=gpu"], "model.kernels='gpu'"),
     (["model.A_init_range=[0,16]"], "A_init_range"),
-    (["model.ssm_layer=mamba3"], "mamba3"),
+    (["model.ssm_layer=mamba4"], "mamba4"),
 ])
 def test_model_keys_are_validated(overrides, message):
     from mamba.config.load import ConfigError, load_config

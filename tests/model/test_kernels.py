@@ -144,3 +144,113 @@ def test_kernel_path_matches_torch_path_with_document_resets(ssm_layer, dtype, r
     """Mamba-2's kernels reset at seq_idx; Mamba-1's scan through scan_with_resets."""
     positions = torch.cat([torch.arange(100), torch.arange(60), torch.arange(96)])[None].repeat(2, 1).cuda()
     compare_paths(ssm_layer, dtype, positions, rtol, atol)
+
+
+# Mamba-3: its own probe (mamba-ssm >= 2.3.2), so Mamba-1/2 keep their kernels with 2.3.1.
+MAMBA3_AVAILABLE, MAMBA3_REASON = kernels.mamba3_kernel_available()
+MAMBA3_ON_GPU = torch.cuda.is_available() and AVAILABLE and MAMBA3_AVAILABLE
+SKIP_MAMBA3_GPU = (f"needs a CUDA GPU and mamba-ssm >= 2.3.2 (cuda available: {torch.cuda.is_available()}, "
+                   f"kernels: {REASON or 'ok'}, mamba3 kernel: {MAMBA3_REASON or 'ok'})")
+
+
+def mamba3_config(mode, **kw):
+    # Powers of two for d_state and headdim: the kernel's TMA blocks need them.
+    return MambaConfig(d_model=64, n_layer=2, vocab_size=100, ssm_layer="mamba3", d_state=32, headdim=32,
+                       chunk_size=16, kernels=mode, **kw)
+
+
+@pytest.mark.skipif(MAMBA3_AVAILABLE, reason="mamba-ssm's Mamba-3 kernel imports here; this checks the error "
+                    "without it")
+def test_mamba3_kernels_cuda_fails_clearly_without_the_kernel(monkeypatch):
+    monkeypatch.setattr(kernels, "_probe", lambda: (STANDINS, ""))  # the Mamba-1/2 kernels "present"
+    with pytest.raises(RuntimeError, match=r"ssm_layer mamba3 needs mamba-ssm >= 2.3.2.*'auto' or 'torch'"):
+        MambaLMHeadModel(mamba3_config("cuda"))
+
+
+def test_mamba3_auto_on_cpu_uses_torch_and_says_so_once(caplog):
+    kernels._log_once.cache_clear()
+    torch.manual_seed(0)
+    auto = MambaLMHeadModel(mamba3_config("auto"))
+    forced = copy.deepcopy(auto)
+    set_kernels(forced, "torch")
+    ids = torch.randint(0, 100, (2, 24))
+    with caplog.at_level(logging.INFO, logger=kernels.__name__):
+        out = auto(ids)
+        auto(ids)
+    assert torch.equal(out, forced(ids))
+    chosen = [r.getMessage() for r in caplog.records if r.getMessage().startswith("mamba3 scan")]
+    assert chosen == ["mamba3 scan: torch (model.kernels=auto)"]
+
+
+@pytest.mark.parametrize("outproj_norm", [False, True])
+@pytest.mark.parametrize("with_documents", [False, True])
+def test_mamba3_cuda_dispatch_through_kernel_standins_equals_the_torch_path(monkeypatch, with_documents, outproj_norm):
+    """The kernel path with mamba-ssm's Mamba-3 SISO kernel replaced by a float64 stand-in of its
+    semantics (kernel_standins.mamba3_siso_combined: transposed ADT/DT/Trap, per-head angles, the z
+    gate inside unless is_outproj_norm, documents as cu_seqlens over one flattened row) gives the
+    torch path's logits and every gradient to 1e-10."""
+    from kernel_standins import MAMBA3_STANDINS
+
+    monkeypatch.setattr(kernels, "_probe", lambda: (STANDINS, ""))
+    monkeypatch.setattr(kernels, "use_cuda", lambda mode, tensor, op: mode == "cuda")
+    monkeypatch.setattr(kernels, "_probe_mamba3", lambda: (MAMBA3_STANDINS, ""))
+    monkeypatch.setattr(kernels, "use_mamba3_cuda", lambda mode, tensor: mode == "cuda")
+    calls = []
+    standin = MAMBA3_STANDINS["mamba3_siso_combined"]
+    monkeypatch.setitem(MAMBA3_STANDINS, "mamba3_siso_combined",
+                        lambda *a, **k: calls.append(k.get("cu_seqlens")) or standin(*a, **k))
+    torch.manual_seed(0)
+    ref = MambaLMHeadModel(mamba3_config("torch", tie_embeddings=False, is_outproj_norm=outproj_norm)).double()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # off the init (B/C biases, norms) so every path matters
+    fast = copy.deepcopy(ref)
+    set_kernels(fast, "cuda")
+    ids = torch.randint(0, 100, (2, 40))
+    positions = torch.cat([torch.arange(17), torch.arange(23)])[None].repeat(2, 1) if with_documents else None
+    results = []
+    for model in (ref, fast):
+        logits = model(ids, positions)
+        logits.square().mean().backward()
+        results.append((logits, {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-10, atol=1e-10)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-10, atol=1e-10, msg=name)
+    assert len(calls) == 2  # one kernel call per layer
+    if with_documents:  # rows and documents cut into one flattened row of 80 tokens
+        assert all(c.tolist() == [0, 17, 40, 57, 80] for c in calls)
+        assert (ref(ids) - results[0][0]).abs().max() > 1e-3  # the resets matter for these inputs
+    else:
+        assert calls == [None, None]
+
+
+def compare_mamba3_paths(dtype, positions, rtol, atol):
+    torch.manual_seed(0)
+    ref = MambaLMHeadModel(mamba3_config("torch")).cuda()
+    fast = copy.deepcopy(ref)
+    set_kernels(fast, "cuda")
+    ids = torch.randint(0, 100, (2, 256), device="cuda")
+    results = []
+    for model in (ref, fast):
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            logits = model(ids, positions)
+        logits.float().square().mean().backward()
+        results.append((logits.float(), {n: p.grad.float() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=rtol, atol=atol)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=rtol, atol=atol, msg=name)
+
+
+# The Mamba-3 kernel computes Q, K, V and the gate in bf16 whatever the input dtype
+# (mamba3_siso_combined casts them), so even float32 runs compare at bf16 tolerances.
+MAMBA3_TOLS = [(torch.float32, 5e-2, 5e-2), (torch.bfloat16, 5e-2, 5e-2)]
+
+
+@pytest.mark.skipif(not MAMBA3_ON_GPU, reason=SKIP_MAMBA3_GPU)
+@pytest.mark.parametrize("dtype,rtol,atol", MAMBA3_TOLS)
+@pytest.mark.parametrize("with_documents", [False, True])
+def test_mamba3_kernel_path_matches_torch_path(dtype, rtol, atol, with_documents):
+    positions = None
+    if with_documents:
+        positions = torch.cat([torch.arange(100), torch.arange(60), torch.arange(96)])[None].repeat(2, 1).cuda()
+    compare_mamba3_paths(dtype, positions, rtol, atol)

@@ -235,3 +235,87 @@ def flash_attention_varlen(q, k, v, reset, scale):
     out = _probe_flash_attention()(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens,
                                    max_seqlen, max_seqlen, softmax_scale=scale, causal=True)
     return out.unflatten(0, (batch, length))
+
+
+# Mamba-3 (mamba-ssm >= 2.3.2). A probe of its own: Mamba-1/2 keep their kernels with mamba-ssm
+# 2.3.1, which has no Mamba-3 module, and a Mamba-3 model with 2.3.1 falls back to torch under auto.
+#   mamba3_siso_combined(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=, Z=, chunk_size=,
+#       cu_seqlens=) (ops/triton/mamba3/mamba3_siso_combined.py): Q = C, K = B (b, l, G, N), V = x
+#       (b, l, H, P), ADT = A dt, DT, Trap (pre-sigmoid) (b, H, l), Q_bias, K_bias (H, N), Angles
+#       (b, l, H, S) (pre-tanh), D (H,), Z (b, l, H, P) gate; casts Q, K, V, Z to bf16 inside.
+#       Document starts become cu_seqlens over the batch flattened to one row (batch must be 1
+#       there), each document starting from zero states: exact isolation.
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_mamba3() -> tuple[dict | None, str]:
+    """Import mamba-ssm's Mamba-3 SISO kernel once: (dict of functions or None, reason when unavailable)."""
+    try:
+        from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import mamba3_siso_combined
+    except Exception as exc:  # noqa: BLE001 - as _probe
+        return None, f"{type(exc).__name__}: {exc}"
+    return {"mamba3_siso_combined": mamba3_siso_combined}, ""
+
+
+def mamba3_kernel_available() -> tuple[bool, str]:
+    """(whether mamba-ssm >= 2.3.2's Mamba-3 kernel imports, the reason if not)."""
+    fns, reason = _probe_mamba3()
+    return fns is not None, reason
+
+
+def require_mamba3_kernel() -> None:
+    """Raise a RuntimeError explaining how to fix it when `kernels: cuda` cannot run Mamba-3 here."""
+    ok, reason = mamba3_kernel_available()
+    if not ok:
+        raise RuntimeError(
+            f"model.kernels='cuda' with ssm_layer mamba3 needs mamba-ssm >= 2.3.2's Mamba-3 kernel, which "
+            f"cannot be imported ({reason}). Install it on a CUDA machine (pip install 'mamba-ssm>=2.3.2'), "
+            "or set model.kernels to 'auto' or 'torch'."
+        )
+
+
+def use_mamba3_cuda(mode: str, tensor: torch.Tensor) -> bool:
+    """Whether the Mamba-3 scan runs on mamba-ssm's kernel for this input (`use_cuda` for Mamba-3,
+    with its own probe); logs the choice once."""
+    check_mode(mode)
+    if mode == "cuda":
+        require_mamba3_kernel()
+        if not tensor.is_cuda:
+            raise RuntimeError(
+                f"model.kernels='cuda' but the mamba3 scan input is on {tensor.device}: the kernels need "
+                "CUDA tensors. Move the model to a GPU or set model.kernels to 'auto' or 'torch'."
+            )
+    use = mode != "torch" and tensor.is_cuda and mamba3_kernel_available()[0]
+    _log_once(f"mamba3 scan: {'mamba-ssm Triton kernel' if use else 'torch'} (model.kernels={mode})")
+    return use
+
+
+def mamba3_siso(C, B, x, adt, dt, trap, angles, C_bias, B_bias, D, z, chunk_size, reset):
+    """The Mamba-3 SISO scan on mamba-ssm's kernel; arguments and result as ops/mamba3_scan.py's
+    mamba3_scan_chunked (C, B (b, L, G, N), x (b, L, H, P), adt, dt, trap (b, L, H), angles
+    (b, L, S), biases (H, N), D (H,), z (b, L, H, P) or None, reset (b, L) bool or None)."""
+    batch, length, nheads, headdim = x.shape
+    dstate = B.shape[-1]
+    for name, value in (("model.d_state", dstate), ("model.headdim", headdim)):
+        if value & (value - 1):
+            raise ValueError(f"{name}={value}: mamba-ssm's Mamba-3 kernel needs powers of two (its TMA "
+                             "blocks); choose one, or set model.kernels='torch'")
+    # Angles per head in (at least) float32, as mamba-ssm's Mamba3.forward hands them over.
+    angles = angles.unsqueeze(-2).expand(-1, -1, nheads, -1).to(torch.promote_types(angles.dtype, torch.float32))
+    fn = _probe_mamba3()[0]["mamba3_siso_combined"]
+    if reset is None:
+        return fn(C, B, x, adt.transpose(1, 2), dt.transpose(1, 2), trap.transpose(1, 2), C_bias, B_bias,
+                  angles, D=D, Z=z, chunk_size=chunk_size)
+    # One row holding every document, cut at each row start and document start (as flash-attn's varlen).
+    starts = reset.clone()
+    starts[:, 0] = True
+    offsets = torch.nonzero(starts.flatten()).flatten()
+    cu_seqlens = torch.cat((offsets, offsets.new_tensor([batch * length]))).to(torch.int32)
+
+    def row(t):  # (b, L, ...) -> (1, b * L, ...)
+        return t.reshape(1, batch * length, *t.shape[2:])
+
+    y = fn(row(C), row(B), row(x), row(adt).transpose(1, 2), row(dt).transpose(1, 2), row(trap).transpose(1, 2),
+           C_bias, B_bias, row(angles), D=D, Z=None if z is None else row(z), chunk_size=chunk_size,
+           cu_seqlens=cu_seqlens)
+    return y.reshape(batch, length, nheads, headdim)

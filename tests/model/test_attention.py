@@ -176,3 +176,25 @@ def test_hybrid_parameters_have_mamba_ssm_names_and_init():
         w = dict(m.named_parameters())[f"backbone.{name}.weight"]
         bound = 1 / math.sqrt(fan_in) / math.sqrt(2 * 3)
         assert w.abs().max() <= bound and w.abs().max() > 0.8 * bound
+
+
+def _flash_attention_runs() -> bool:
+    from mamba.model.ops.kernels import _probe_flash_attention
+
+    return torch.cuda.is_available() and _probe_flash_attention() is not None
+
+
+@pytest.mark.skipif(not _flash_attention_runs(), reason="needs a CUDA GPU and flash-attn importable")
+def test_flash_attention_varlen_equals_the_sdpa_path_on_gpu():
+    """model.kernels auto takes flash-attn's varlen kernel for bf16 CUDA tensors; it must give the
+    torch path's output (bf16 rounding: within 2e-2) with documents packed, GQA and RoPE."""
+    torch.manual_seed(0)
+    kw = dict(num_heads=8, num_heads_kv=2, rotary_emb_dim=32)
+    fast = MHA(256, kernels_mode="auto", device="cuda", dtype=torch.bfloat16, **kw)
+    slow = MHA(256, kernels_mode="torch", device="cuda", dtype=torch.bfloat16, **kw)
+    slow.load_state_dict(fast.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 300, 256, generator=g).to("cuda", torch.bfloat16)
+    reset = random_reset(2, 300, g, p=0.02).cuda()
+    for r in (reset, None):
+        torch.testing.assert_close(fast(x, r).float(), slow(x, r).float(), rtol=2e-2, atol=2e-2)

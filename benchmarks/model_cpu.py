@@ -1,4 +1,4 @@
-"""CPU training throughput of our pure-torch Mamba-1 vs HF transformers' pure-torch Mamba.
+"""CPU training throughput of our pure-torch Mamba-1 and hybrid vs HF transformers' pure-torch Mamba and Bamba.
 
 Usage:  .venv/bin/python benchmarks/model_cpu.py [--seqs 512 2048] [--batch 4] [--repeats 3]
                                                [--workloads mixers model] [--threads 1]
@@ -6,11 +6,21 @@ Usage:  .venv/bin/python benchmarks/model_cpu.py [--seqs 512 2048] [--batch 4] [
 Needs the `bench` extra (transformers, mambapy): pip install -e '.[bench]'
 
 Measures forward + backward tokens/s (float32, train mode, best of --repeats after one warm-up)
-for two workloads, each with identical weights in every implementation:
+for four workloads, each with identical weights in every implementation:
   mixers  a stack of 4 Mamba-1 mixers, d_model 256 (no norms, no residual): the scan's cost
   model   the whole LM (d_model 256, 4 layers, vocab 8192) + next-token loss (ours: the chunked
           cross-entropy of training; HF: full logits + F.cross_entropy)
-and four implementations:
+  hybrid  a Mamba-2 + attention LM of the same width: 4 layers, layer 2 attention (1 in 4; 4 heads
+          of 64, RoPE on 32 channels, no conv), a gated MLP of 512 after every mixer, Mamba-2 with
+          d_state 64 and heads of 64: ours (packed windows of 4 documents, so attention takes its
+          document mask; "ours-1doc": one document per row, plain causal attention) against
+          transformers' BambaForCausalLM (torch path, one document per row) with the same weights
+          (mamba.model.bamba). Jamba is not compared: its Mamba layers are
+          Mamba-1 with extra dt/B/C norms and its MLPs mixtures of experts, no exact weight map.
+  layers  ours only, the whole LM (d_model 256, 4 layers, vocab 8192) with each mixer at
+          mamba-ssm's defaults: mamba1 (d_state 16), mamba2 (d_state 128, heads of 64, chunk 256),
+          mamba3 (SISO: d_state 128, heads of 64, chunk 64), windows of 4 documents
+and, for mixers and model, four implementations:
   ours       mamba.model (ops/selective_scan.py, chunked scan)
   hf-slow    transformers MambaForCausalLM / MambaMixer on CPU: its default slow_forward
              (a Python loop over time steps)
@@ -32,6 +42,7 @@ from torch import nn
 
 import mamba.model.mamba1 as mamba1_module
 from mamba.model.flops import flops_per_token, mamba1_layer_flops
+from mamba.model.bamba import bamba_config, bamba_state_dict
 from mamba.model.hf import hf_config, hf_state_dict
 from mamba.model.lm import MambaConfig, MambaLMHeadModel
 from mamba.model.ops.selective_scan import selective_scan_ref
@@ -51,6 +62,31 @@ def build(use_mambapy: bool | None):
     missing, unexpected = hf.load_state_dict(hf_state_dict(ours), strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:  # the tied head is re-tied by HF
         raise RuntimeError(f"HF weight mapping failed: missing {missing}, unexpected {unexpected}")
+    return ours, hf
+
+
+def build_layer(kind: str) -> MambaLMHeadModel:
+    """Our LM of the benchmark's width with `kind` mixers at mamba-ssm's default shapes."""
+    torch.manual_seed(0)
+    shape = {"mamba1": {}, "mamba2": dict(d_state=128, headdim=64, chunk_size=256),
+             "mamba3": dict(d_state=128, headdim=64, chunk_size=64)}[kind]
+    return MambaLMHeadModel(MambaConfig(d_model=D_MODEL, n_layer=N_LAYER, vocab_size=VOCAB, ssm_layer=kind,
+                                        kernels="torch", **shape))
+
+
+def build_hybrid():
+    """(our Mamba-2 + attention LM, transformers' Bamba with the same weights)."""
+    from transformers import BambaConfig, BambaForCausalLM
+
+    torch.manual_seed(0)
+    ours = MambaLMHeadModel(MambaConfig(
+        d_model=D_MODEL, n_layer=N_LAYER, vocab_size=VOCAB, ssm_layer="mamba2", d_state=64, headdim=64,
+        kernels="torch", attn_layer_idx=(2,), d_intermediate=512,
+        attn_cfg=dict(num_heads=4, rotary_emb_dim=32, qkv_proj_bias=False, out_proj_bias=False)))
+    hf = BambaForCausalLM(BambaConfig(**bamba_config(ours)))
+    missing, unexpected = hf.load_state_dict(bamba_state_dict(ours), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"Bamba weight mapping failed: missing {missing}, unexpected {unexpected}")
     return ours, hf
 
 
@@ -97,11 +133,11 @@ def mixer_step(stack, x):
     return run
 
 
-def model_step(model, ids, ours: bool):
+def model_step(model, ids, ours: bool, position_ids=None):
     def run():
         model.zero_grad(set_to_none=True)
         if ours:
-            loss = model(ids[:, :-1], labels=ids[:, 1:])  # chunked loss over the real vocabulary
+            loss = model(ids[:, :-1], position_ids=position_ids, labels=ids[:, 1:])  # chunked loss, real vocabulary
         else:
             logits = model(ids[:, :-1]).logits
             loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
@@ -119,26 +155,29 @@ def main():
     parser.add_argument("--seqs", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workloads", nargs="+", default=["mixers", "model"], choices=["mixers", "model"])
+    parser.add_argument("--workloads", nargs="+", default=["mixers", "model", "hybrid", "layers"],
+                        choices=["mixers", "model", "hybrid", "layers"])
     # One thread by default: on a shared machine, OpenMP threads that spin-wait for each other
     # slowed every implementation by 10-50x (measured on the 2-core dev box under load).
     parser.add_argument("--threads", type=int, default=1)
     # HF's slow path indexes one time step per iteration; each index's backward (select_backward)
     # writes a zero-filled (batch, E, L, N) tensor, so its backward is O(L^2): at L = 2048 one
     # step takes hours on one core. --skip hf-slow leaves it out.
-    parser.add_argument("--skip", nargs="*", default=[], choices=["hf-slow", "hf-mambapy", "seq-ref"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["hf-slow", "hf-mambapy", "seq-ref", "hf-bamba"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    ours, hf_slow = build(use_mambapy=False)
-    _, hf_py = build(use_mambapy=True)
-    for m in (ours, hf_slow, hf_py):
-        m.train()  # HF takes the mambapy scan only in training mode
-    stacks = {
-        "ours": MixerStack([layer.mixer for layer in ours.backbone.layers]),
-        "hf-slow": MixerStack([layer.mixer for layer in hf_slow.backbone.layers]),
-        "hf-mambapy": MixerStack([layer.mixer for layer in hf_py.backbone.layers]),
-    }
+    mamba1 = {"mixers", "model"} & set(args.workloads)
+    ours, hf_slow = build(use_mambapy=False if mamba1 else None)
+    _, hf_py = build(use_mambapy=True) if mamba1 else (None, None)
+    hybrid, bamba = build_hybrid() if "hybrid" in args.workloads else (None, None)
+    layer_models = {f"ours-{k}": build_layer(k) for k in ("mamba1", "mamba2", "mamba3")} \
+        if "layers" in args.workloads else {}
+    for m in (ours, hf_slow, hf_py, hybrid, bamba, *layer_models.values()):
+        if m is not None:
+            m.train()  # HF takes the mambapy scan only in training mode
+    stacks = {name: MixerStack([layer.mixer for layer in m.backbone.layers])
+              for name, m in (("ours", ours), ("hf-slow", hf_slow), ("hf-mambapy", hf_py)) if m is not None}
     peak = matmul_gflops()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32; "
           f"matmul 1024^3: {peak:.1f} GFLOP/s")
@@ -151,7 +190,16 @@ def main():
         ids = torch.randint(0, VOCAB, (args.batch, seq + 1), generator=g)
         tokens = args.batch * seq
         for workload in args.workloads:
-            if workload == "mixers":
+            positions = (torch.arange(seq) % max(1, seq // 4)).repeat(args.batch, 1)  # 4 documents a window
+            if workload == "layers":
+                steps = {k: model_step(m, ids, True, positions) for k, m in layer_models.items()}
+                seq_ref, flops = None, None
+            elif workload == "hybrid":
+                steps = {"ours": model_step(hybrid, ids, True, positions), "ours-1doc": model_step(hybrid, ids, True),
+                         "hf-bamba": model_step(bamba, ids, False)}
+                seq_ref = None
+                flops = flops_per_token(hybrid.config, seq) * tokens
+            elif workload == "mixers":
                 steps = {k: mixer_step(s, x) for k, s in stacks.items()}
                 seq_ref = mixer_step(stacks["ours"], x)
                 flops = 3 * N_LAYER * (mix_m + mix_o) * tokens
@@ -161,11 +209,14 @@ def main():
                 seq_ref = model_step(ours, ids, True)
                 flops = flops_per_token(ours.config) * tokens
             secs = {k: time_step(fn, args.repeats) for k, fn in steps.items() if k not in args.skip}
-            if "seq-ref" not in args.skip:
+            if "seq-ref" not in args.skip and seq_ref is not None:
                 with sequential_scan():
                     secs["seq-ref (1x)"] = time_step(seq_ref, 1, warmup=False)
+            first = next(iter(secs))  # "ours", or ours-mamba1 in the layers workload
             for impl, s in secs.items():
-                ratio = secs[impl] / secs["ours"]
+                ratio = secs[impl] / secs[first]
+                if workload == "layers":
+                    flops = flops_per_token(layer_models[impl].config, seq) * tokens
                 gf = flops / s / 1e9
                 print(f"{workload:8} {seq:>5} {impl:11} {tokens / s:>9.0f} {ratio:>7.1f} {gf:>8.2f} {100 * gf / peak:>7.1f}%", flush=True)
 

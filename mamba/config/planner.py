@@ -7,7 +7,8 @@ the planner keeps no parameter formulas (and no dt_rank rule) of its own.
 Memory model, bytes per rank (P = parameters, S = ranks the parameters are sharded over, B = micro
 batch in windows, L = seq_len, l = n_layer, d = d_model, E = d_inner, V = padded vocab,
 W = the per-token width of the scan's inputs dt, B and C: Mamba-1's x_proj output R + 2N with
-R = dt_rank and N = d_state; Mamba-2's in_proj outputs beyond x and z, H + 2GN; c = bytes of the
+R = dt_rank and N = d_state; Mamba-2's in_proj outputs beyond x and z, H + 2GN; Mamba-3's,
+2GN + 3H + S (B, C, dt, A, trap and S rotary angles); c = bytes of the
 compute dtype: 2 under amp_bf16, 4 in fp32; g = bytes of a gathered parameter: 2 with bf16
 all-gathers (amp_bf16 and fsdp.mixed_precision=DEFAULT), else 4):
 
@@ -39,7 +40,33 @@ all-gathers (amp_bf16 and fsdp.mixed_precision=DEFAULT), else 4):
             + 2E (silu) + 2W (x_proj: dt, B, C) + 4E (dt, fp32) + 2E (scan out y) + 2E (gated)
 
     Mamba-2 blocks are counted with the same terms (their (H, N) chunk states are likewise
-    recomputed). An attention block of a hybrid (flash-attn's kernel, which keeps one fp32
+    recomputed).
+
+    A Mamba-3 block (mamba3.py on mamba-ssm 2.3.2's SISO Triton kernel, ops/kernels.py) is counted
+    tensor by tensor: what `_Mamba3Function.forward` (ops/triton/mamba3/mamba3_siso_combined.py)
+    passes to save_for_backward, with the shapes and dtypes mamba3_siso_fwd and angle_dt_fwd give
+    them, plus what autograd saves for the torch ops around it in mamba3.py. H heads of P
+    channels, G groups, N = d_state, S rotary angles, Q = chunk_size, W3 = 2E + 2GN + 3H + S the
+    in_proj width:
+
+    block = 4d + 2d + 2 W3        fp32 residual, normed input; in_proj's output, kept whole since
+                                  x, z and trap reach the kernel as views of it
+            + 2 * (4GN + 4G + 4GN + 2GN)   B_norm, C_norm (torch RMSNorm): fp32 input, rstd,
+                                  normed product, and the bf16 result the kernel keeps as K, Q
+            + 6 * 4H              fp32 dd_A, -softplus(dd_A), A, dd_dt + dt_bias, dt, A dt
+            + 2 * 2HS             the angles per head (bf16) and their cumulative sum
+            + 2 * 2E              the kernel's output (out_proj's input) and its pre-gate output
+            + 2 * 2HN + 4 * 4H    rotated C and scaled B per head (bf16); fp32 cumulative decay,
+                                  qk dot, scale and gamma per head
+            + (2EN + 4H) / Q      one bf16 (H, P, N) state and one fp32 decay sum per chunk
+            [+ 22E + 4H, with is_outproj_norm: the torch NormThenGate's fp32 copies of y, z,
+                                  silu(z), the normed and weighted y, rstd per head, and its
+                                  bf16 result]
+
+    dt is counted in fp32, as mamba-ssm keeps dt_bias; with bf16 all-gathers (dt_bias bf16)
+    dd_dt + dt_bias and dt are bf16, 4H fewer bytes. Document starts add one chunk state per
+    document (cu_seqlens), not counted. Checked against a stand-in saving exactly those tensors.
+    An attention block of a hybrid (flash-attn's kernel, which keeps one fp32
     log-sum-exp per query and head and recomputes the scores; h heads, h_kv KV heads, D head_dim,
     Q = (h + 2 h_kv) D):
 
@@ -77,7 +104,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from mamba.config.load import duration_in_batches, per_rank_batch
 from mamba.device_peaks import gpu_peak_flops
 from mamba.model.factory import build_model
-from mamba.model.ops.kernels import cuda_kernels_available
+from mamba.model.ops.kernels import cuda_kernels_available, mamba3_kernel_available
 
 GIB = 1024**3
 
@@ -110,6 +137,13 @@ class ModelSize:
     padded_vocab: int    # V
     loss_chunk: int      # rows per chunk of the chunked cross-entropy
     layer_kinds: tuple = ()  # per layer: "mamba" or "attention"
+    ssm_layer: str = "mamba1"  # the Mamba layers' kind; below, the Mamba-3 mixer's sizes (0 otherwise)
+    ssm_heads: int = 0   # H
+    state_size: int = 0  # N
+    bc_groups: int = 0   # G
+    rope_angles: int = 0  # S
+    chunk: int = 0       # Q
+    outproj_norm: bool = False
     attn_qkv: int = 0    # Q = (h + 2 h_kv) D, the attention layers' in_proj width
     attn_qk: int = 0     # (h + h_kv) D: q and k, rotated by RoPE
     attn_heads: int = 0  # h
@@ -128,12 +162,17 @@ def measure_model(model_cfg) -> ModelSize:
     mamba = next((layer.mixer for layer, kind in zip(layers, kinds) if kind == "mamba"), None)
     attn = next((layer.mixer for layer, kind in zip(layers, kinds) if kind == "attention"), None)
     d_inner = scan_inputs = 0
+    mamba3 = {}
     if mamba is not None:
         d_inner = mamba.d_inner
         if model_cfg.ssm_layer == "mamba1":  # x_proj(x) = [dt (R), B (N), C (N)]
             scan_inputs = mamba.x_proj.out_features
-        else:  # mamba2: in_proj(u) = [z (E), x (E), B (GN), C (GN), dt (H)]
+        else:  # in_proj(u) = [z (E), x (E), B (GN), C (GN), dt (H)], Mamba-3 + [A (H), trap (H), angles (S)]
             scan_inputs = mamba.in_proj.out_features - 2 * d_inner
+        if model_cfg.ssm_layer == "mamba3":
+            mamba3 = dict(ssm_heads=mamba.nheads, state_size=mamba.d_state, bc_groups=mamba.ngroups,
+                          rope_angles=mamba.num_rope_angles, chunk=mamba.chunk_size,
+                          outproj_norm=mamba.is_outproj_norm)
     attn_dims = {}
     if attn is not None:
         attn_dims = dict(attn_qkv=attn.in_proj.out_features, attn_qk=attn.q_dim + attn.kv_dim,
@@ -146,6 +185,7 @@ def measure_model(model_cfg) -> ModelSize:
         n_layer=len(layers), d_model=embedding.shape[1], d_inner=d_inner,
         scan_inputs=scan_inputs, padded_vocab=embedding.shape[0], loss_chunk=model.lm_head.loss_chunk_size,
         layer_kinds=kinds, mlp_width=layers[0].mlp.hidden if layers[0].mlp is not None else 0, **attn_dims,
+        ssm_layer=model_cfg.ssm_layer, **mamba3,
     )
 
 
@@ -153,7 +193,9 @@ def block_activation_bytes(size: ModelSize, kind: str = "mamba") -> int:
     """Bytes kept per token by one block of `kind` ("mamba", "attention") for its backward on the
     fused kernels, its MLP included (module docstring)."""
     d, e = size.d_model, size.d_inner
-    if kind == "mamba":
+    if kind == "mamba" and size.ssm_layer == "mamba3":
+        mixer = mamba3_block_bytes(size)
+    elif kind == "mamba":
         mixer = 4 * d + 2 * d + 2 * 2 * e + 2 * e + 2 * e + 2 * size.scan_inputs + 4 * e + 2 * e + 2 * e
     else:
         q = size.attn_qkv
@@ -161,6 +203,15 @@ def block_activation_bytes(size: ModelSize, kind: str = "mamba") -> int:
                  + (2 * size.attn_qk if size.attn_rotary else 0) + 2 * size.attn_out + 4 * size.attn_heads)
     i = size.mlp_width
     return mixer + (4 * d + 2 * d + 2 * 2 * i + 2 * i if i else 0)
+
+
+def mamba3_block_bytes(size: ModelSize) -> int:
+    """A Mamba-3 block's bytes per token on mamba-ssm's kernel, without MLP (module docstring)."""
+    d, e, h, n, g, s = size.d_model, size.d_inner, size.ssm_heads, size.state_size, size.bc_groups, size.rope_angles
+    in_proj = 2 * e + size.scan_inputs  # W3
+    total = (4 * d + 2 * d + 2 * in_proj + 2 * (4 * g * n + 4 * g + 4 * g * n + 2 * g * n) + 6 * 4 * h
+             + 2 * 2 * h * s + 2 * 2 * e + 2 * 2 * h * n + 4 * 4 * h + -(-(2 * e * n + 4 * h) // size.chunk))
+    return total + (22 * e + 4 * h if size.outproj_norm else 0)
 
 
 def torch_block_bytes(model_cfg, seq_len: int, amp: bool, gathered: int, kind: str = "mamba") -> int:
@@ -214,12 +265,18 @@ class MemoryModel:
     path: str            # which count `block` is and why: printed with the plan
 
 
-def kernel_path(kernels: str, device: str) -> tuple[bool, str]:
-    """(whether the run will take mamba-ssm's fused kernels, why), as ops/kernels.py decides it."""
+def kernel_path(kernels: str, device: str, ssm_layer: str = "mamba1") -> tuple[bool, str]:
+    """(whether the run will take mamba-ssm's fused kernels, why), as ops/kernels.py decides it:
+    Mamba-3 by its own probe (mamba-ssm >= 2.3.2's Triton kernel, use_mamba3_cuda)."""
     if device == "cpu":
         return False, "CPU ranks"
     if kernels != "auto":
         return kernels == "cuda", f"model.kernels={kernels}"
+    if ssm_layer == "mamba3":
+        if mamba3_kernel_available()[0]:
+            return True, "model.kernels=auto and mamba-ssm's Mamba-3 kernel imports here"
+        return False, ("model.kernels=auto and mamba-ssm >= 2.3.2's Mamba-3 kernel does not import here; for "
+                       "the fused kernel's smaller count plan where it does, or override model.kernels=cuda")
     if cuda_kernels_available()[0]:
         return True, "model.kernels=auto and mamba-ssm imports here"
     return False, ("model.kernels=auto and mamba-ssm does not import here; for the fused kernels' "
@@ -231,7 +288,7 @@ def memory_model(cfg, size: ModelSize, device: str) -> MemoryModel:
     precision = cfg.trainer.precision
     amp = precision == "amp_bf16" or (precision == "auto" and device == "gpu")
     gathered = 2 if amp and cfg.fsdp.mixed_precision == "DEFAULT" else 4
-    fused, why = kernel_path(cfg.model.kernels, device)
+    fused, why = kernel_path(cfg.model.kernels, device, cfg.model.ssm_layer)
     kinds = sorted(set(size.layer_kinds))
     if fused:
         blocks = {kind: block_activation_bytes(size, kind) for kind in kinds}

@@ -30,6 +30,13 @@ MODEL_PRESETS: dict[str, dict] = {
         "attn_cfg": {"num_heads": 30, "head_dim": 128, "rotary_emb_dim": 64, "d_conv": 4, "causal": True,
                      "qkv_proj_bias": False, "out_proj_bias": False},
     },
+    # Mamba-3 (SISO) in the 1.4b shape above: the paper's own 1.5B configuration (Lahoti et al.
+    # 2026, arXiv 2603.15569) was not available to check here, so this is Mamba-1 1.4b's
+    # d_model x n_layer (a Mamba-3 mixer has ~6 d_model^2 parameters, as mamba-ssm's README says,
+    # about a Mamba-1 mixer's) with mamba-ssm 2.3.2's Mamba3 defaults: d_state 128, headdim 64,
+    # chunk_size 64, rope_fraction 0.5, no output norm (mamba_ssm/modules/mamba3.py).
+    "mamba3-1.4b": {"d_model": 2048, "n_layer": 48, "vocab_size": 50280, "ssm_layer": "mamba3", "d_state": 128,
+                    "headdim": 64, "chunk_size": 64},
 }
 
 # One attention layer in ATTN_EVERY when create_mamba_config.py is asked for a hybrid without a
@@ -60,12 +67,12 @@ def attention_shape(d_model: int) -> dict:
 # GPT-3 recipes the Mamba paper trained with (Brown et al. 2020, Table 2.1: 0.5M tokens up to
 # 760M parameters, 1M for 1.3B and 2.7B); 1.6b is the default recipe's (896 x 4096); tiny is 8 x 256.
 BATCH_TOKENS: dict[str, int] = {
-    "tiny": 8 * 256, "130m": 2**19, "370m": 2**19, "790m": 2**19, "1.4b": 2**20, "2.8b": 2**20,
+    "tiny": 8 * 256, "130m": 2**19, "370m": 2**19, "790m": 2**19, "1.4b": 2**20, "2.8b": 2**20, "mamba3-1.4b": 2**20,
     "1.6b": _DEFAULT.trainer.global_batch_size * _DEFAULT.data.seq_len,
 }
 # Window length per preset (GPT-3 / Mamba paper: 2048; the default recipe: 4096; tiny: 256).
 SEQ_LEN: dict[str, int] = {
-    "tiny": 256, "130m": 2048, "370m": 2048, "790m": 2048, "1.4b": 2048, "2.8b": 2048,
+    "tiny": 256, "130m": 2048, "370m": 2048, "790m": 2048, "1.4b": 2048, "2.8b": 2048, "mamba3-1.4b": 2048,
     "1.6b": _DEFAULT.data.seq_len,
 }
 # Token budget when neither --tokens nor --tokens-per-param is given: 20 per parameter (Hoffmann

@@ -9,13 +9,15 @@ Layouts read by `load_pretrained` and `model_from_pretrained`:
   mamba-ssm    config.json {d_model, n_layer, vocab_size, ssm_cfg, attn_layer_idx, attn_cfg,
                d_intermediate, pad_vocab_size_multiple, tie_embeddings, ...} + pytorch_model.bin, as
                state-spaces publishes on the Hub (`MambaLMHeadModel.save_pretrained` /
-               `from_pretrained`, mixer_seq_simple.py), pure Mamba or hybrid (mamba_ssm_format.py);
+               `from_pretrained`, mixer_seq_simple.py), pure Mamba or hybrid, Mamba-1/2/3
+               (mamba_ssm_format.py, whose docstring has Mamba-3's caveats);
   HF           config.json {model_type: mamba | mamba2, hidden_size, ...} + model.safetensors or
                pytorch_model.bin, optionally sharded with a *.index.json;
   HF Bamba     the same with model_type bamba: Mamba-2 + attention + MLPs (bamba.py).
 The other way, hf_config and hf_state_dict give a HF Mamba/Mamba2 directory's config.json and
 weights (mamba_ssm_format and bamba the other two formats); mamba.runs.export writes the
 directory itself (with the tokenizer files of mamba.data.tokenizer) and picks the format.
+transformers (4.53) has no Mamba-3 class, so a Mamba-3 model has only the mamba-ssm layout.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ HEAD = "lm_head.weight"
 
 # ----------------------------------------------------------------------------- architecture
 def mixer_kind(model: MambaLMHeadModel) -> str:
-    """"mamba1" or "mamba2"."""
+    """"mamba1", "mamba2" or "mamba3"."""
     return model.config.ssm_layer
 
 
@@ -47,6 +49,9 @@ def hf_config(model: MambaLMHeadModel, eos_token_id: int | None = None) -> dict:
     HF's vocab_size is the number of embedding rows, i.e. our padded vocabulary.
     """
     c, mixer = model.config, model.backbone.layers[0].mixer
+    if c.ssm_layer == "mamba3":
+        raise ValueError("a Mamba-3 model has no transformers format: transformers (4.53 here) has no Mamba-3 "
+                         "class; export it as mamba-ssm")
     if c.attn_layer_idx or c.d_intermediate:
         raise ValueError("a hybrid model (attention layers or MLPs) has no transformers Mamba/Mamba2 format: "
                          "MambaForCausalLM and Mamba2ForCausalLM hold Mamba mixers only; export it as "
@@ -174,10 +179,12 @@ def load_pretrained(model: MambaLMHeadModel, path: str) -> None:
         check(fields[name] == value, f"{path}: checkpoint has {name}={fields[name]}, the model {value}; "
                                      f"set model.{name}={fields[name]}")
     mixer = ssm_mixer(model)
-    for name in ("d_state", "headdim", "ngroups"):
+    # Mamba-3's rope_fraction and is_outproj_norm also show in the shapes, A_floor only in the result.
+    for name in ("d_state", "headdim", "ngroups", "rope_fraction", "A_floor", "is_outproj_norm"):
         if fields.get(name) is not None and hasattr(mixer, name):
             check(fields[name] == getattr(mixer, name),
-                  f"{path}: checkpoint has {name}={fields[name]}, the model {getattr(mixer, name)}")
+                  f"{path}: checkpoint has {name}={fields[name]}, the model {getattr(mixer, name)}; "
+                  f"set model.{name}={fields[name]}")
     check_hybrid_layout(model, fields, path)
 
     params = model.state_dict()

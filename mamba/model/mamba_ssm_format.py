@@ -1,4 +1,4 @@
-"""mamba-ssm's checkpoint layout, for every model built here: pure Mamba-1 / Mamba-2 and hybrids.
+"""mamba-ssm's checkpoint layout, for every model built here: pure Mamba-1 / Mamba-2 / Mamba-3 and hybrids.
 
 A directory of two files, what `mamba_ssm.MambaLMHeadModel.save_pretrained` writes and
 `from_pretrained` reads (mamba_ssm/models/mixer_seq_simple.py, mamba-ssm 2.x):
@@ -7,7 +7,7 @@ A directory of two files, what `mamba_ssm.MambaLMHeadModel.save_pretrained` writ
                      fields (from_pretrained calls MambaConfig(**config), so any other key is a
                      TypeError there): d_model, d_intermediate, n_layer, vocab_size (the real
                      vocabulary; the rows are padded to pad_vocab_size_multiple), ssm_cfg
-                     ({"layer": "Mamba1" | "Mamba2"} + the mixer's arguments), attn_layer_idx,
+                     ({"layer": "Mamba1" | "Mamba2" | "Mamba3"} + the mixer's arguments), attn_layer_idx,
                      attn_cfg (MHA's arguments), rms_norm, residual_in_fp32, fused_add_norm,
                      pad_vocab_size_multiple, tie_embeddings.
   pytorch_model.bin  torch.save(state_dict()): mamba-ssm's parameter names are ours (lm.py);
@@ -19,6 +19,21 @@ take mamba-ssm's defaults, with one exception that is refused instead: MHA's `ca
 False there, and a model here only runs causal attention. Keys that would change the computation
 in ways this model does not implement (an MLP inside attention, LayerNorm, Mamba-2 options such as
 norm_before_gate) are refused by name rather than silently dropped.
+
+Mamba-3 (ssm_cfg.layer "Mamba3"): the mixer's arguments are those of mamba-ssm 2.3.2's
+`Mamba3.__init__` (mamba_ssm/modules/mamba3.py): d_state, expand, headdim, ngroups, rope_fraction,
+dt_min, dt_max, dt_init_floor, A_floor, is_outproj_norm, is_mimo, chunk_size; absent ones take its
+defaults (d_state 128, headdim 64, chunk_size 64, ...). MIMO (is_mimo true) is refused. Two
+caveats about mamba-ssm itself, read off its git history:
+  - the 2.3.2 release's `create_block` (models/mixer_seq_simple.py) dispatches only "Mamba1" and
+    "Mamba2" and raises ValueError on "Mamba3"; the dispatch came later on its main branch
+    (commit b3cae1b, PR #968), so `MambaLMHeadModel.from_pretrained` of such a directory needs a
+    mamba-ssm built from that source (the Mamba3 module alone is in 2.3.2);
+  - that same main branch (commit c69aaab, PR #962) replaced the decay's softplus by a
+    "heavy-tail" activation (A = -max(f(dd_A), A_floor), f(x) = 1 + x for x >= 0, 1 / (1 - x)
+    below), unconditionally: a checkpoint written here (2.3.2's softplus) loads there with the
+    same weights but a different A, hence different logits, and a checkpoint trained there
+    reads here the same way. No config key records which one a checkpoint was trained with.
 """
 from __future__ import annotations
 
@@ -41,7 +56,7 @@ def check(ok: bool, message: str) -> None:
         raise CheckpointMismatchError(message)
 
 
-SSM_LAYERS = {"Mamba1": "mamba1", "Mamba2": "mamba2"}  # ssm_cfg.layer -> our ssm_layer
+SSM_LAYERS = {"Mamba1": "mamba1", "Mamba2": "mamba2", "Mamba3": "mamba3"}  # ssm_cfg.layer -> our ssm_layer
 NORM_EPS = 1e-5  # create_block's norm_epsilon: MambaConfig cannot set it
 # mamba-ssm MHA's keyword defaults (mamba_ssm/modules/mha.py); num_heads has none.
 MHA_DEFAULTS = {
@@ -53,7 +68,17 @@ MHA_DEFAULTS = {
 _SSM_INIT_KEYS = {"dt_min", "dt_max", "dt_init_floor", "A_init_range", "dt_init", "dt_scale", "conv_init",
                   "use_fast_path", "use_mem_eff_path"}
 _SSM_SHAPE_KEYS = {"mamba1": {"d_state", "d_conv", "expand", "dt_rank"},
-                   "mamba2": {"d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"}}
+                   "mamba2": {"d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"},
+                   # mamba-ssm 2.3.2 Mamba3.__init__'s arguments that this model reads (all but the
+                   # init-only dt_* and the MIMO pair below)
+                   "mamba3": {"d_state", "expand", "headdim", "ngroups", "chunk_size", "rope_fraction", "A_floor",
+                              "is_outproj_norm"}}
+# mamba-ssm's Mamba3 defaults where they differ from MambaConfig's (mamba_ssm/modules/mamba3.py).
+MAMBA3_DEFAULTS = {"d_state": 128, "headdim": 64, "chunk_size": 64}
+# Mamba3 arguments that do not change a SISO model: `dropout`, `layer_idx`, `n_layer` it only
+# absorbs ("Just to absorb the kwarg"); `mimo_rank` it resets to 1 unless is_mimo;
+# `fuse_pregate_headwise_norm` (after 2.3.2) acts on MIMO only.
+_MAMBA3_IGNORED = {"dropout", "layer_idx", "n_layer", "mimo_rank", "fuse_pregate_headwise_norm"}
 # Keys that change the computation: accepted only at the value this model implements.
 _SSM_FIXED = {"bias": False, "conv_bias": True, "d_ssm": None, "D_has_hdim": False, "rmsnorm": True,
               "norm_before_gate": False, "dt_limit": [0.0, math.inf]}
@@ -91,12 +116,18 @@ def mamba_ssm_config(model: MambaLMHeadModel) -> dict:
     check(c.norm_eps == NORM_EPS,
           f"norm_eps={c.norm_eps}: mamba-ssm's MambaConfig cannot record a norm epsilon (its blocks use "
           f"{NORM_EPS}), so the exported model would compute differently there")
-    ssm_cfg = {"layer": {v: k for k, v in SSM_LAYERS.items()}[c.ssm_layer], "d_state": c.d_state,
-               "d_conv": c.d_conv, "expand": c.expand, "dt_min": c.dt_min, "dt_max": c.dt_max,
-               "dt_init_floor": c.dt_init_floor}
+    layer = {v: k for k, v in SSM_LAYERS.items()}[c.ssm_layer]
+    if c.ssm_layer == "mamba3":  # Mamba3.__init__'s names, in its order: it has no conv
+        ssm_cfg = {"layer": layer, "d_state": c.d_state, "expand": c.expand, "headdim": c.headdim,
+                   "ngroups": c.ngroups, "rope_fraction": c.rope_fraction, "dt_min": c.dt_min, "dt_max": c.dt_max,
+                   "dt_init_floor": c.dt_init_floor, "A_floor": c.A_floor, "is_outproj_norm": c.is_outproj_norm,
+                   "is_mimo": False, "chunk_size": c.chunk_size}
+    else:
+        ssm_cfg = {"layer": layer, "d_state": c.d_state, "d_conv": c.d_conv, "expand": c.expand,
+                   "dt_min": c.dt_min, "dt_max": c.dt_max, "dt_init_floor": c.dt_init_floor}
     if c.ssm_layer == "mamba1":
         ssm_cfg["dt_rank"] = c.dt_rank
-    else:
+    elif c.ssm_layer == "mamba2":
         ssm_cfg.update(headdim=c.headdim, ngroups=c.ngroups, chunk_size=c.chunk_size,
                        A_init_range=list(c.A_init_range))
     attn_layer_idx = [i for i, layer in enumerate(model.backbone.layers) if isinstance(layer.mixer, MHA)]
@@ -145,6 +176,8 @@ def parse_attn_cfg(attn_cfg: dict, d_model: int, where: str) -> dict:
 
 def _ssm_arguments(ssm_cfg: dict, kind: str, where: str) -> dict:
     """ssm_cfg (without layer) -> MambaConfig's mixer arguments; refuses what this model lacks."""
+    if kind == "mamba3":
+        return _mamba3_arguments(ssm_cfg, where)
     arguments = {}
     for key, value in ssm_cfg.items():
         if key in _SSM_SHAPE_KEYS[kind] or key in {"dt_min", "dt_max", "dt_init_floor", "A_init_range"}:
@@ -156,6 +189,25 @@ def _ssm_arguments(ssm_cfg: dict, kind: str, where: str) -> dict:
         else:
             check(key in _SSM_INIT_KEYS,
                   f"{where}: ssm_cfg.{key} is not an argument of mamba-ssm's {kind} mixer that this model reads")
+    return arguments
+
+
+def _mamba3_arguments(ssm_cfg: dict, where: str) -> dict:
+    """A Mamba3 ssm_cfg (without layer) -> MambaConfig's arguments, at mamba-ssm's defaults where absent."""
+    check(ssm_cfg.get("is_mimo", False) is False,
+          f"{where}: ssm_cfg.is_mimo={ssm_cfg.get('is_mimo')!r} (mimo_rank={ssm_cfg.get('mimo_rank', 4)}): "
+          f"MIMO Mamba-3 is not implemented here; only the SISO form (is_mimo false) loads")
+    arguments = dict(MAMBA3_DEFAULTS)
+    for key, value in ssm_cfg.items():
+        if key in _SSM_SHAPE_KEYS["mamba3"] or key in {"dt_min", "dt_max", "dt_init_floor"}:
+            arguments[key] = value
+        else:
+            check(key in _MAMBA3_IGNORED or key == "is_mimo",
+                  f"{where}: ssm_cfg.{key} is not an argument of mamba-ssm 2.3.2's Mamba3 that this model "
+                  f"reads (mamba-ssm would swallow it unread through **kwargs); remove it if that is intended")
+    rope_fraction = arguments.get("rope_fraction", 0.5)
+    check(rope_fraction in (0.5, 1.0),
+          f"{where}: ssm_cfg.rope_fraction={rope_fraction!r}: mamba-ssm's Mamba3 allows 0.5 or 1.0")
     return arguments
 
 
@@ -190,12 +242,17 @@ def mamba_ssm_arch(cfg: dict, path: Path) -> dict:
 
 
 def arch_fields(arch: dict) -> dict:
-    """The architecture fields load_pretrained compares, from MambaConfig arguments."""
-    mamba2 = arch["ssm_layer"] == "mamba2"
+    """The architecture fields load_pretrained compares, from MambaConfig arguments (for Mamba-3
+    also rope_fraction, A_floor and is_outproj_norm: A_floor changes the result, not a shape)."""
+    heads = arch["ssm_layer"] in ("mamba2", "mamba3")
+    mamba3 = arch["ssm_layer"] == "mamba3"
     return {
         "kind": arch["ssm_layer"], "d_model": arch["d_model"], "n_layer": arch["n_layer"],
         "vocab_size": arch["vocab_size"], "tie": arch["tie_embeddings"], "d_state": arch["d_state"],
-        "headdim": arch.get("headdim", 64) if mamba2 else None, "ngroups": arch.get("ngroups", 1) if mamba2 else None,
+        "headdim": arch.get("headdim", 64) if heads else None, "ngroups": arch.get("ngroups", 1) if heads else None,
+        "rope_fraction": arch.get("rope_fraction", 0.5) if mamba3 else None,
+        "A_floor": arch.get("A_floor", 1e-4) if mamba3 else None,
+        "is_outproj_norm": arch.get("is_outproj_norm", False) if mamba3 else None,
         "attn_layer_idx": tuple(arch["attn_layer_idx"]), "attn_cfg": arch["attn_cfg"],
         "d_intermediate": arch["d_intermediate"],
     }

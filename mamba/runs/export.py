@@ -8,6 +8,8 @@ the order hf, bamba, mamba-ssm; a format that does not fit is refused with the r
   pure Mamba-1 / Mamba-2 (no attention, no MLPs)          auto   -       yes
   Mamba-2 + attention + MLPs meeting bamba.py's           -      auto    yes
     conditions (ngroups 1, attention without conv, ...)
+  Mamba-3, pure or hybrid (transformers 4.53 has no       -      -       auto
+    Mamba-3 class)
   every other model (Mamba-1 hybrids, hybrids without     -      -       auto
     MLPs, MLPs without attention, ngroups > 1, ...)
 
@@ -18,7 +20,9 @@ the order hf, bamba, mamba-ssm; a format that does not fit is refused with the r
              the reasons). The only transformers class with Mamba-2, attention and MLPs.
   mamba-ssm  mamba-ssm's MambaLMHeadModel.from_pretrained layout: config.json, pytorch_model.bin
              (mamba.model.mamba_ssm_format). Every model a training config builds has one (it refuses
-             only a norm_eps other than mamba-ssm's fixed 1e-5), so "auto" does not fail.
+             only a norm_eps other than mamba-ssm's fixed 1e-5), so "auto" does not fail. For
+             Mamba-3 see that module's caveats (the 2.3.2 release's MambaLMHeadModel does not
+             dispatch "Mamba3"; mamba-ssm's main branch computes A with another activation).
 All three load back here with mamba.model.hf.model_from_pretrained (tools/generate.py) and as
 model.init_from. The run's tokenizer files (mamba.data.tokenizer) go beside the weights in each.
 
@@ -61,6 +65,9 @@ def choose_format(model: MambaLMHeadModel, fmt: str = "auto") -> str:
         raise ValueError(f"export format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if fmt != "auto":
         return fmt
+    if mixer_kind(model) == "mamba3":
+        log.info("exporting in mamba-ssm's layout: transformers has no Mamba-3 class")
+        return "mamba-ssm"
     if not is_hybrid(model):
         return "hf"
     problems = bamba_problems(model)

@@ -15,6 +15,7 @@ from mamba.config import planner
 from mamba.config.load import load_config
 from mamba.config.presets import MODEL_PRESETS
 from mamba.model.factory import build_model
+from mamba.model.ops import kernels
 from mamba.runs.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,7 +48,11 @@ def mamba1_sizes_by_hand(d: int, n_layer: int, vocab: int, n: int = 16, k: int =
     return n_layer * block + v * d + d, max(block, v * d), activations  # + embedding (tied head), norm_f
 
 
-@pytest.mark.parametrize("preset", sorted(p for p in MODEL_PRESETS if "attn_layer_idx" not in MODEL_PRESETS[p]))
+MAMBA1_PRESETS = sorted(p for p, shape in MODEL_PRESETS.items()
+                        if "attn_layer_idx" not in shape and shape.get("ssm_layer", "mamba1") == "mamba1")
+
+
+@pytest.mark.parametrize("preset", MAMBA1_PRESETS)
 def test_preset_sizes_are_mamba_ssm_shapes(preset):
     shape = dict(MODEL_PRESETS[preset], vocab_size=MODEL_PRESETS[preset]["vocab_size"] or 8192)
     cfg = load_config(None, [f"model.{k}={v}" for k, v in shape.items()])
@@ -196,13 +201,13 @@ HYBRID = ["model.attn_layer_idx=[1]", "model.attn_cfg.num_heads=4", "model.attn_
           "model.attn_cfg.rotary_emb_dim=8", "model.attn_cfg.d_conv=4", "model.d_intermediate=100"]
 
 
-@pytest.mark.parametrize("ssm", ["mamba1", "mamba2", "mamba2+attention"])
+@pytest.mark.parametrize("ssm", ["mamba1", "mamba2", "mamba2+attention", "mamba3", "mamba3+attention"])
 @pytest.mark.parametrize("precision", ["fp32", "amp_bf16"])
 def test_activation_count_is_what_autograd_saves(ssm, precision):
     """The memory model's activations (the pure-PyTorch blocks, measured on fake tensors, plus the
     loss's per-token terms) against the tensors a real forward of a 3-layer LM saves for its
-    backward, counted per storage; two batch sizes, so that per-weight copies cancel. The hybrid
-    (attention in layer 1, MLPs everywhere) sums two kinds of block."""
+    backward, counted per storage; two batch sizes, so that per-weight copies cancel. The hybrids
+    (attention in layer 1, MLPs everywhere) sum two kinds of block."""
     amp = precision == "amp_bf16"
     hybrid = HYBRID if ssm.endswith("+attention") else []
     cfg = load_config(None, ["model.d_model=64", "model.n_layer=3", "model.vocab_size=512", "data.seq_len=128",
@@ -385,3 +390,41 @@ def test_hybrid_flags_write_a_valid_hybrid(tmp_path):
         proc = run("create_mamba_config.py", "--preset", "tiny", "--vocab-size", "512", "--out", str(out), *flags,
                    ok=False)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+def test_mamba3_preset_is_mamba_ssm_shape():
+    """mamba3-1.4b counted from mamba-ssm 2.3.2's Mamba3 shapes (modules/mamba3.py, SISO):
+    in_proj d -> [z, x (E each), B, C (N each, one group), dt, A, trap (H each), S angles],
+    dt_bias and D (H), B_bias and C_bias (H, 1, N), B_norm and C_norm (N), out_proj E -> d, no
+    output norm; E = 4096, H = 4096 / 64 = 64, N = 128, S = 128 * 0.5 / 2 = 32; tied 50,280 vocab."""
+    assert "mamba3-1.4b" not in MAMBA1_PRESETS
+    preset = MODEL_PRESETS["mamba3-1.4b"]
+    cfg = load_config(None, [f"model.{k}={v}" for k, v in preset.items()])
+    size = planner.measure_model(cfg.model)
+    d, e, h, n, s = 2048, 4096, 64, 128, 32
+    mixer = d * (2 * e + 2 * n + 3 * h + s) + h + 2 * h * n + 2 * n + h + e * d
+    block = mixer + d  # + the block's RMSNorm
+    assert size.params == 48 * block + 50280 * d + d
+    assert size.largest_unit == max(block, 50280 * d)
+    assert (size.ssm_heads, size.state_size, size.rope_angles, size.chunk) == (h, n, s, 64)
+
+
+@pytest.mark.parametrize("outproj_norm", [False, True])
+def test_mamba3_fused_count_by_hand(outproj_norm):
+    """The fused Mamba-3 count (module docstring) written out for d = 64, E = 128, H = 4 heads of
+    32, G = 2 groups of N = 16, S = 4 angles, Q = 32, W3 = 2E + 2GN + 3H + S = 332; with kernels=cuda
+    on a GPU the plan uses it, and with auto it follows the Mamba-3 kernel's own probe."""
+    keys = ["model.d_model=64", "model.n_layer=2", "model.vocab_size=512", "model.ssm_layer=mamba3",
+            "model.headdim=32", "model.chunk_size=32", "model.d_state=16", "model.ngroups=2",
+            f"model.is_outproj_norm={outproj_norm}", "trainer.precision=amp_bf16"]
+    size = planner.measure_model(load_config(None, keys).model)
+    d, e, h, g, n, s, q = 64, 128, 4, 2, 16, 4, 32
+    w3 = 2 * e + 2 * g * n + 3 * h + s
+    block = (4 * d + 2 * d + 2 * w3 + 2 * (4 * g * n + 4 * g + 4 * g * n + 2 * g * n) + 24 * h + 4 * h * s
+             + 4 * e + 4 * h * n + 16 * h + math.ceil((2 * e * n + 4 * h) / q)
+             + (22 * e + 4 * h if outproj_norm else 0))
+    assert planner.block_activation_bytes(size) == block
+    mem = planner.memory_model(load_config(None, keys + ["model.kernels=cuda"]), size, "gpu")
+    assert mem.blocks == {"mamba": block} and "fused kernels, counted" in mem.path
+    fused, why = planner.kernel_path("auto", "gpu", "mamba3")
+    assert fused == kernels.mamba3_kernel_available()[0] and "Mamba-3 kernel" in why

@@ -1,6 +1,6 @@
-"""Interchange of hybrid (and pure) models: mamba-ssm's layout both ways, transformers' Bamba both
-ways, the export format choice and the end-of-run export of hybrids (mamba/model/
-mamba_ssm_format.py, mamba/model/bamba.py, mamba/model/hf.py, mamba/runs/export.py).
+"""Interchange of hybrid (and pure) models: mamba-ssm's layout both ways (Mamba-1/2/3),
+transformers' Bamba both ways, the export format choice and the end-of-run export of hybrids
+(mamba/model/mamba_ssm_format.py, mamba/model/bamba.py, mamba/model/hf.py, mamba/runs/export.py).
 
 mamba-ssm cannot be installed here (a CUDA build), so its layout is checked by round trip (export,
 read back: torch.equal logits, the same weights through the same code) and against the shape of
@@ -79,7 +79,15 @@ MAMBA_SSM_CASES = {
     "mamba2-ngroups2": dict(ngroups=2),
     "hybrid-gqa-rope-conv-mlp": dict(attn_layer_idx=(0, 2), d_intermediate=100, tie_embeddings=False),
     "mamba1-hybrid-no-mlp": dict(ssm_layer="mamba1", attn_layer_idx=(1,)),
+    # Mamba-3 both ways of each option that changes the computation or the shapes.
+    "mamba3-outproj-norm-rope-half": dict(ssm_layer="mamba3", is_outproj_norm=True, rope_fraction=0.5),
+    "mamba3-gate-rope-full-ngroups2": dict(ssm_layer="mamba3", rope_fraction=1.0, ngroups=2, A_floor=0.05),
+    "mamba3-hybrid-mlp": dict(ssm_layer="mamba3", is_outproj_norm=True, attn_layer_idx=(1,), d_intermediate=64),
 }
+# mamba-ssm 2.3.2's Mamba3.__init__ arguments (mamba_ssm/modules/mamba3.py), in its order, less
+# mimo_rank (ignored when is_mimo is false) and what it only absorbs (dropout, layer_idx, n_layer).
+MAMBA3_ARGS = ["d_state", "expand", "headdim", "ngroups", "rope_fraction", "dt_min", "dt_max", "dt_init_floor",
+               "A_floor", "is_outproj_norm", "is_mimo", "chunk_size"]
 
 
 @pytest.mark.parametrize("case", MAMBA_SSM_CASES)
@@ -94,6 +102,11 @@ def test_mamba_ssm_layout_round_trip_gives_identical_logits(tmp_path, case):
     loaded = model_from_pretrained(tmp_path / "out")
     assert loaded.config.attn_layer_idx == source.config.attn_layer_idx
     assert torch.equal(logits(loaded), logits(source))
+    if source.config.ssm_layer == "mamba3":
+        assert cfg["ssm_cfg"] == {"layer": "Mamba3", **{k: getattr(source.config, k) for k in MAMBA3_ARGS[:-2]},
+                                  "is_mimo": False, "chunk_size": 16}
+        assert list(cfg["ssm_cfg"])[1:] == MAMBA3_ARGS
+        assert choose_format(source) == "mamba-ssm"  # auto: transformers has no Mamba-3 class
 
 
 def test_hybrid_init_from_loads_a_mamba_ssm_checkpoint(tmp_path):
@@ -104,6 +117,72 @@ def test_hybrid_init_from_loads_a_mamba_ssm_checkpoint(tmp_path):
                       chunk_size=16, kernels="torch", attn_layer_idx=[1], d_intermediate=128,
                       attn_cfg=AttnConfig(**GQA_ROPE, d_conv=4), init_from=str(tmp_path / "ckpt"))
     assert torch.equal(logits(build_model(cfg).eval()), logits(source))
+
+
+def test_mamba3_init_from_loads_a_mamba_ssm_checkpoint(tmp_path):
+    """model.init_from of a Mamba-3 hybrid; A_floor, which shows in no shape, must match too."""
+    source = random_model(20, ssm_layer="mamba3", is_outproj_norm=True, rope_fraction=1.0, A_floor=0.05,
+                          attn_layer_idx=(2,), d_intermediate=64)
+    export_hf(source, str(tmp_path / "ckpt"), fmt="mamba-ssm")
+    keys = dict(d_model=32, n_layer=3, vocab_size=TOK.vocab_size, ssm_layer="mamba3", d_state=8, headdim=16,
+                chunk_size=16, kernels="torch", is_outproj_norm=True, rope_fraction=1.0, attn_layer_idx=[2],
+                d_intermediate=64, attn_cfg=AttnConfig(**GQA_ROPE), init_from=str(tmp_path / "ckpt"))
+    assert torch.equal(logits(build_model(ModelConfig(**keys, A_floor=0.05)).eval()), logits(source))
+    with pytest.raises(CheckpointMismatchError, match=r"checkpoint has A_floor=0.05, the model 0.0001; "
+                                                      r"set model.A_floor=0.05"):
+        build_model(ModelConfig(**keys))
+    with pytest.raises(CheckpointMismatchError, match=r"checkpoint is a mamba3 model but model.ssm_layer is mamba2"):
+        build_model(ModelConfig(**{**keys, "ssm_layer": "mamba2", "is_outproj_norm": False}))
+
+
+def test_mamba3_layout_without_options_takes_mamba3_defaults(tmp_path):
+    """ssm_cfg {"layer": "Mamba3"} alone: d_state 128, headdim 64 and chunk_size 64 are mamba-ssm
+    Mamba3's defaults, not MambaConfig's (16, 256), and A_floor 1e-4, rope_fraction 0.5, no
+    output norm."""
+    source = random_model(21, ssm_layer="mamba3", d_model=64, n_layer=2, d_state=128, headdim=64, chunk_size=64)
+    path = tmp_path / "bare"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"d_model": 64, "n_layer": 2, "vocab_size": TOK.vocab_size,
+                                                  "ssm_cfg": {"layer": "Mamba3"}}))
+    torch.save(source.state_dict(), path / "pytorch_model.bin")
+    loaded = model_from_pretrained(path)
+    c = loaded.config
+    assert (c.d_state, c.headdim, c.chunk_size, c.A_floor, c.rope_fraction, c.is_outproj_norm) == (
+        128, 64, 64, 1e-4, 0.5, False)
+    assert torch.equal(logits(loaded), logits(source))
+
+
+MAMBA3_REFUSALS = {  # a change to an exported Mamba-3 model's ssm_cfg -> the message that names it
+    "mimo": (dict(is_mimo=True, mimo_rank=4), r"ssm_cfg.is_mimo=True \(mimo_rank=4\): MIMO Mamba-3 is not implemented"),
+    "rope-quarter": (dict(rope_fraction=0.25), r"ssm_cfg.rope_fraction=0.25: .* 0.5 or 1.0"),
+    "mamba2-key": (dict(d_conv=4), r"ssm_cfg.d_conv is not an argument of mamba-ssm 2.3.2's Mamba3"),
+}
+
+
+@pytest.mark.parametrize("case", MAMBA3_REFUSALS)
+def test_unsupported_mamba3_options_are_refused_by_name(tmp_path, case):
+    export_hf(random_model(22, ssm_layer="mamba3"), str(tmp_path / "ckpt"))
+    cfg_file = tmp_path / "ckpt" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    change, message = MAMBA3_REFUSALS[case]
+    cfg["ssm_cfg"].update(change)
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointMismatchError, match=message):
+        model_from_pretrained(tmp_path / "ckpt")
+    # A rank beside is_mimo false is what mamba-ssm ignores (it resets mimo_rank to 1): it loads.
+    cfg["ssm_cfg"].update(is_mimo=False, mimo_rank=4, rope_fraction=0.5)
+    cfg["ssm_cfg"].pop("d_conv", None)
+    cfg_file.write_text(json.dumps(cfg))
+    assert model_from_pretrained(tmp_path / "ckpt").config.ssm_layer == "mamba3"
+
+
+def test_mamba3_has_no_transformers_format(tmp_path):
+    model = random_model(23, ssm_layer="mamba3")
+    for fmt, message in (("hf", "transformers .* has no Mamba-3 class; export it as mamba-ssm"),
+                         ("bamba", "ssm_layer=mamba3: Bamba's Mamba layers are Mamba-2")):
+        with pytest.raises(ValueError, match=message):
+            export_hf(model, str(tmp_path / fmt), fmt=fmt)
+    assert not list(tmp_path.iterdir())
 
 
 def test_published_mamba2attn_layout_takes_mamba_ssm_defaults(tmp_path):
@@ -135,7 +214,7 @@ REFUSED_CONFIGS = {  # a change to an exported hybrid's config.json -> the messa
     "causal-false": (lambda c: c["attn_cfg"].update(causal=False), r"attn_cfg.causal is False.*causal=False"),
     "mlp-dim": (lambda c: c["attn_cfg"].update(mlp_dim=64), r"attn_cfg.mlp_dim=64 .*only mlp_dim 0"),
     "unknown-attn-key": (lambda c: c["attn_cfg"].update(window=8), r"attn_cfg keys \['window'\]"),
-    "mamba3": (lambda c: c["ssm_cfg"].update(layer="Mamba3"), r"ssm_cfg.layer='Mamba3' is not supported"),
+    "unknown-layer": (lambda c: c["ssm_cfg"].update(layer="Mamba4"), r"ssm_cfg.layer='Mamba4' is not supported"),
     "norm-before-gate": (lambda c: c["ssm_cfg"].update(norm_before_gate=True), r"ssm_cfg.norm_before_gate=True"),
     "layer-out-of-range": (lambda c: c.update(attn_layer_idx=[1, 7]), r"attn_layer_idx=\[1, 7\] .* 0..2"),
     "layernorm": (lambda c: c.update(rms_norm=False), r"rms_norm=False \(LayerNorm"),

@@ -4,8 +4,10 @@
     load.py     YAML / dict + overrides -> validated TrainConfig
     errors.py   ConfigError, raised by every config rule (also the training-time ones)
     presets.py  model shapes and recipe sizes for create_mamba_config.py
-    planner.py  batch layout and memory plan (imports mamba.model: import it explicitly,
-                never from here, so that mamba.model may import mamba.config.schema)
+    memory.py   the memory model: bytes per rank from the model built on the meta device
+    planner.py  batch layout and durations from it (memory.py and planner.py import mamba.model:
+                import them explicitly, never from here, so that mamba.model may import
+                mamba.config.schema)
 """
 from mamba.config.errors import ConfigError
 from mamba.config.schema import TrainConfig

@@ -4,8 +4,8 @@
     python tools/generate.py hf/my-run --prompt 'Once' --temperature 0.8 --top-p 0.95 --seed 1
 
 CHECKPOINT_OR_HF_DIR: a Composer checkpoint (file, sharded directory or save_folder, with the
-run's config.yaml beside it), or a directory with config.json (HF transformers Mamba, e.g. from
-tools/export_hf.py, or mamba-ssm's layout). The tokenizer is the directory's tokenizer.json, or
+run's config.yaml beside it), or a directory with config.json (HF transformers Mamba, Mamba2 or
+Bamba, e.g. from tools/export_hf.py, or mamba-ssm's layout, hybrids and Mamba-3 included). The tokenizer is the directory's tokenizer.json, or
 the training data's for a Composer checkpoint, unless --tokenizer is given. Temperature 0
 decodes greedily. Generation stops at the tokenizer's end-of-text token.
 """

@@ -10,7 +10,7 @@
 #                                      and every other requirement of Composer and of this project
 #                                      is installed as they state it.
 #   --gpu              also build mamba-ssm and causal-conv1d against that torch (nvcc needed);
-#                      pinned: mamba-ssm 2.3.1, current: 2.3.2 (the Mamba-3 layer; needs triton>=3.5)
+#                      pinned: mamba-ssm 2.3.1, current: 2.3.2.post1 (the Mamba-3 layer; needs triton>=3.5)
 #   EXTRAS             setup.py extras, comma-separated (dev, monitor, formats, bench, all)
 #
 # Re-running updates the environment in place. pip's output goes to stderr; stdout is only the
@@ -88,7 +88,7 @@ for dist, wanted in (("mosaicml", []), ("mamba-recipe", extras)):
             print(str(req).split(";")[0])
 EOF
   "${pip[@]}" -c "$constraints" -r "$requirements"
-  [ "$gpu" = 1 ] && "${pip[@]}" -c "$constraints" --no-build-isolation mamba-ssm==2.3.2 "causal-conv1d>=1.4"
+  [ "$gpu" = 1 ] && "${pip[@]}" -c "$constraints" --no-build-isolation mamba-ssm==2.3.2.post1 "causal-conv1d>=1.4"  # PyPI has no plain 2.3.2
 fi
 echo "$want" > "$stamp"
 echo "$venv" >&3

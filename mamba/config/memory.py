@@ -102,7 +102,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mamba.model.factory import build_model
-from mamba.model.ops.kernels import cuda_kernels_available, mamba3_kernel_available
+from mamba.model.ops.kernels import cuda_kernels_available
 
 GIB = 1024**3
 
@@ -250,13 +250,13 @@ class MemoryModel:
 
 def kernel_path(kernels: str, device: str, ssm_layer: str = "mamba1") -> tuple[bool, str]:
     """(whether the run will take mamba-ssm's fused kernels, why), as ops/kernels.py decides it:
-    Mamba-3 by its own probe (mamba-ssm >= 2.3.2's Triton kernel, use_mamba3_cuda)."""
+    Mamba-3 by its own probe (mamba-ssm >= 2.3.2's Triton kernel, kernel family "mamba3")."""
     if device == "cpu":
         return False, "CPU ranks"
     if kernels != "auto":
         return kernels == "cuda", f"model.kernels={kernels}"
     if ssm_layer == "mamba3":
-        if mamba3_kernel_available()[0]:
+        if cuda_kernels_available("mamba3")[0]:
             return True, "model.kernels=auto and mamba-ssm's Mamba-3 kernel imports here"
         return False, ("model.kernels=auto and mamba-ssm >= 2.3.2's Mamba-3 kernel does not import here; for "
                        "the fused kernel's smaller count plan where it does, or override model.kernels=cuda")

@@ -123,7 +123,7 @@ class Mamba3(nn.Module):
         self.is_outproj_norm, self.chunk_size = is_outproj_norm, chunk_size
         kernels.check_mode(kernels_mode)
         if kernels_mode == "cuda":
-            kernels.require_mamba3_kernel()  # fail when the model is built, not at the first batch
+            kernels.require_cuda_kernels("mamba3")  # fail when the model is built, not at the first batch
         self.kernels_mode = kernels_mode
 
         H, N, G = self.nheads, d_state, ngroups
@@ -184,7 +184,7 @@ class Mamba3(nn.Module):
         B, C = self.B_norm(B), self.C_norm(C)  # (batch, L, G, N), normalised over N
         gate = None if self.is_outproj_norm else z  # the scan gates y by silu(z) itself
         scan_args = (C, B, x, adt, dt, trap, angles, self.C_bias[:, 0], self.B_bias[:, 0], self.D, gate)
-        if kernels.use_mamba3_cuda(self.kernels_mode, hidden_states):
+        if kernels.use_cuda(self.kernels_mode, hidden_states, "mamba3 scan", "mamba3"):
             y = kernels.mamba3_siso(*scan_args, chunk_size=self.chunk_size, reset=reset)
         else:
             y = mamba3_scan_chunked(*scan_args, reset=reset, chunk_size=self.chunk_size)

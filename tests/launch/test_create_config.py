@@ -427,4 +427,4 @@ def test_mamba3_fused_count_by_hand(outproj_norm):
     mem = planner.memory_model(load_config(None, keys + ["model.kernels=cuda"]), size, "gpu")
     assert mem.blocks == {"mamba": block} and "fused kernels, counted" in mem.path
     fused, why = planner.kernel_path("auto", "gpu", "mamba3")
-    assert fused == kernels.mamba3_kernel_available()[0] and "Mamba-3 kernel" in why
+    assert fused == kernels.cuda_kernels_available("mamba3")[0] and "Mamba-3 kernel" in why

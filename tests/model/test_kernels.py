@@ -147,7 +147,7 @@ def test_kernel_path_matches_torch_path_with_document_resets(ssm_layer, dtype, r
 
 
 # Mamba-3: its own probe (mamba-ssm >= 2.3.2), so Mamba-1/2 keep their kernels with 2.3.1.
-MAMBA3_AVAILABLE, MAMBA3_REASON = kernels.mamba3_kernel_available()
+MAMBA3_AVAILABLE, MAMBA3_REASON = kernels.cuda_kernels_available("mamba3")
 MAMBA3_ON_GPU = torch.cuda.is_available() and AVAILABLE and MAMBA3_AVAILABLE
 SKIP_MAMBA3_GPU = (f"needs a CUDA GPU and mamba-ssm >= 2.3.2 (cuda available: {torch.cuda.is_available()}, "
                    f"kernels: {REASON or 'ok'}, mamba3 kernel: {MAMBA3_REASON or 'ok'})")
@@ -192,9 +192,8 @@ def test_mamba3_cuda_dispatch_through_kernel_standins_equals_the_torch_path(monk
     from kernel_standins import MAMBA3_STANDINS
 
     monkeypatch.setattr(kernels, "_probe", lambda: (STANDINS, ""))
-    monkeypatch.setattr(kernels, "use_cuda", lambda mode, tensor, op: mode == "cuda")
+    monkeypatch.setattr(kernels, "use_cuda", lambda mode, tensor, op, family="mamba-ssm": mode == "cuda")
     monkeypatch.setattr(kernels, "_probe_mamba3", lambda: (MAMBA3_STANDINS, ""))
-    monkeypatch.setattr(kernels, "use_mamba3_cuda", lambda mode, tensor: mode == "cuda")
     calls = []
     standin = MAMBA3_STANDINS["mamba3_siso_combined"]
     monkeypatch.setitem(MAMBA3_STANDINS, "mamba3_siso_combined",

@@ -63,21 +63,31 @@ def _probe() -> tuple[dict | None, str]:
     return fns, ""
 
 
-def cuda_kernels_available() -> tuple[bool, str]:
-    """(whether mamba-ssm's and causal-conv1d's kernels import, the reason if not)."""
-    fns, reason = _probe()
+# The kernel families, each imported by its own probe: "mamba-ssm" (Mamba-1/2, any 2.x with
+# causal-conv1d) and "mamba3" (mamba-ssm >= 2.3.2's Mamba-3 kernel, so that Mamba-1/2 keep their
+# kernels with 2.3.1). Per family: (probe name, what `kernels: cuda` needs, how to install it).
+# The probe is looked up by name at call time, so tests can stand one in.
+FAMILIES = {
+    "mamba-ssm": ("_probe", "model.kernels='cuda' but mamba-ssm's CUDA kernels",
+                  "Install mamba-ssm and causal-conv1d on a CUDA machine (pip install mamba-ssm causal-conv1d)"),
+    "mamba3": ("_probe_mamba3", "model.kernels='cuda' with ssm_layer mamba3 needs mamba-ssm >= 2.3.2's Mamba-3 "
+               "kernel, which", "Install it on a CUDA machine (pip install 'mamba-ssm>=2.3.2')"),
+}
+
+
+def cuda_kernels_available(family: str = "mamba-ssm") -> tuple[bool, str]:
+    """(whether the kernels of `family` (FAMILIES) import, the reason if not)."""
+    fns, reason = globals()[FAMILIES[family][0]]()
     return fns is not None, reason
 
 
-def require_cuda_kernels() -> None:
+def require_cuda_kernels(family: str = "mamba-ssm") -> None:
     """Raise a RuntimeError explaining how to fix it when `kernels: cuda` cannot work here."""
-    ok, reason = cuda_kernels_available()
+    ok, reason = cuda_kernels_available(family)
     if not ok:
-        raise RuntimeError(
-            f"model.kernels='cuda' but mamba-ssm's CUDA kernels cannot be imported ({reason}). "
-            "Install mamba-ssm and causal-conv1d on a CUDA machine (pip install mamba-ssm "
-            "causal-conv1d), or set model.kernels to 'auto' or 'torch'."
-        )
+        _, what, install = FAMILIES[family]
+        raise RuntimeError(f"{what} cannot be imported ({reason}). {install}, or set model.kernels to "
+                           "'auto' or 'torch'.")
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,18 +101,18 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"model.kernels={mode!r}: choose one of {get_args(KernelMode)}")
 
 
-def use_cuda(mode: str, tensor: torch.Tensor, op: str) -> bool:
-    """Whether `op` ("selective scan", "ssd scan", "add+norm") runs on the kernels for this input;
-    logs the choice once per op."""
+def use_cuda(mode: str, tensor: torch.Tensor, op: str, family: str = "mamba-ssm") -> bool:
+    """Whether `op` ("selective scan", "ssd scan", "add+norm", "mamba3 scan") runs on the kernels
+    of `family` for this input; logs the choice once per op."""
     check_mode(mode)
     if mode == "cuda":
-        require_cuda_kernels()
+        require_cuda_kernels(family)
         if not tensor.is_cuda:
             raise RuntimeError(
                 f"model.kernels='cuda' but the {op} input is on {tensor.device}: the kernels need "
                 "CUDA tensors. Move the model to a GPU or set model.kernels to 'auto' or 'torch'."
             )
-    use = mode != "torch" and tensor.is_cuda and cuda_kernels_available()[0]
+    use = mode != "torch" and tensor.is_cuda and cuda_kernels_available(family)[0]
     _log_once(f"{op}: {'mamba-ssm CUDA kernel' if use else 'torch'} (model.kernels={mode})")
     return use
 
@@ -220,17 +230,23 @@ def use_flash_attention(mode: str, q: torch.Tensor) -> bool:
     return use
 
 
+def cu_seqlens_from_reset(reset: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+    """The (batch, L) window as one row of batch * L tokens cut at every row start and document
+    start (reset (batch, L) bool or None): int32 (n_pieces + 1,) offsets, varlen kernels' cu_seqlens."""
+    starts = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    starts[:, 0] = True
+    if reset is not None:
+        starts |= reset
+    offsets = torch.nonzero(starts.flatten()).flatten()
+    return torch.cat((offsets, offsets.new_tensor([batch * length]))).to(torch.int32)
+
+
 def flash_attention_varlen(q, k, v, reset, scale):
     """Causal attention inside each document on flash-attn's varlen kernel: the (batch, L) window
     flattened to one sequence of batch * L tokens, cut at every document start and row start
     (cu_seqlens, int32 (n_docs + 1,) offsets). q (batch, L, h, D), k and v (batch, L, h_kv, D)."""
     batch, length = q.shape[:2]
-    starts = torch.zeros(batch, length, dtype=torch.bool, device=q.device)
-    starts[:, 0] = True
-    if reset is not None:
-        starts |= reset
-    offsets = torch.nonzero(starts.flatten()).flatten()
-    cu_seqlens = torch.cat((offsets, offsets.new_tensor([batch * length]))).to(torch.int32)
+    cu_seqlens = cu_seqlens_from_reset(reset, batch, length, q.device)
     max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     out = _probe_flash_attention()(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens,
                                    max_seqlen, max_seqlen, softmax_scale=scale, causal=True)
@@ -257,39 +273,6 @@ def _probe_mamba3() -> tuple[dict | None, str]:
     return {"mamba3_siso_combined": mamba3_siso_combined}, ""
 
 
-def mamba3_kernel_available() -> tuple[bool, str]:
-    """(whether mamba-ssm >= 2.3.2's Mamba-3 kernel imports, the reason if not)."""
-    fns, reason = _probe_mamba3()
-    return fns is not None, reason
-
-
-def require_mamba3_kernel() -> None:
-    """Raise a RuntimeError explaining how to fix it when `kernels: cuda` cannot run Mamba-3 here."""
-    ok, reason = mamba3_kernel_available()
-    if not ok:
-        raise RuntimeError(
-            f"model.kernels='cuda' with ssm_layer mamba3 needs mamba-ssm >= 2.3.2's Mamba-3 kernel, which "
-            f"cannot be imported ({reason}). Install it on a CUDA machine (pip install 'mamba-ssm>=2.3.2'), "
-            "or set model.kernels to 'auto' or 'torch'."
-        )
-
-
-def use_mamba3_cuda(mode: str, tensor: torch.Tensor) -> bool:
-    """Whether the Mamba-3 scan runs on mamba-ssm's kernel for this input (`use_cuda` for Mamba-3,
-    with its own probe); logs the choice once."""
-    check_mode(mode)
-    if mode == "cuda":
-        require_mamba3_kernel()
-        if not tensor.is_cuda:
-            raise RuntimeError(
-                f"model.kernels='cuda' but the mamba3 scan input is on {tensor.device}: the kernels need "
-                "CUDA tensors. Move the model to a GPU or set model.kernels to 'auto' or 'torch'."
-            )
-    use = mode != "torch" and tensor.is_cuda and mamba3_kernel_available()[0]
-    _log_once(f"mamba3 scan: {'mamba-ssm Triton kernel' if use else 'torch'} (model.kernels={mode})")
-    return use
-
-
 def mamba3_siso(C, B, x, adt, dt, trap, angles, C_bias, B_bias, D, z, chunk_size, reset):
     """The Mamba-3 SISO scan on mamba-ssm's kernel; arguments and result as ops/mamba3_scan.py's
     mamba3_scan_chunked (C, B (b, L, G, N), x (b, L, H, P), adt, dt, trap (b, L, H), angles
@@ -306,11 +289,7 @@ def mamba3_siso(C, B, x, adt, dt, trap, angles, C_bias, B_bias, D, z, chunk_size
     if reset is None:
         return fn(C, B, x, adt.transpose(1, 2), dt.transpose(1, 2), trap.transpose(1, 2), C_bias, B_bias,
                   angles, D=D, Z=z, chunk_size=chunk_size)
-    # One row holding every document, cut at each row start and document start (as flash-attn's varlen).
-    starts = reset.clone()
-    starts[:, 0] = True
-    offsets = torch.nonzero(starts.flatten()).flatten()
-    cu_seqlens = torch.cat((offsets, offsets.new_tensor([batch * length]))).to(torch.int32)
+    cu_seqlens = cu_seqlens_from_reset(reset, batch, length, x.device)  # one row holding every document
 
     def row(t):  # (b, L, ...) -> (1, b * L, ...)
         return t.reshape(1, batch * length, *t.shape[2:])

@@ -110,9 +110,11 @@ def test_cuda_dispatch_through_kernel_standins_equals_the_torch_path(monkeypatch
         assert (ref(ids) - results[0][0]).abs().max() > 1e-3
 
 
-def compare_paths(ssm_layer, dtype, positions, rtol, atol):
+def compare_paths(torch_config, dtype, positions, rtol, atol):
+    """Logits and every gradient of the model of `torch_config` (kernels torch) and of its copy
+    switched to kernels cuda, on the same ids."""
     torch.manual_seed(0)
-    ref = MambaLMHeadModel(config(ssm_layer, "torch")).cuda()
+    ref = MambaLMHeadModel(torch_config).cuda()
     fast = copy.deepcopy(ref)
     set_kernels(fast, "cuda")
     ids = torch.randint(0, 100, (2, 256), device="cuda")
@@ -134,7 +136,7 @@ TOLS = [(torch.float32, 1e-3, 1e-3), (torch.bfloat16, 5e-2, 5e-2)]
 @pytest.mark.parametrize("ssm_layer", ["mamba1", "mamba2"])
 @pytest.mark.parametrize("dtype,rtol,atol", TOLS)
 def test_kernel_path_matches_torch_path_one_document(ssm_layer, dtype, rtol, atol):
-    compare_paths(ssm_layer, dtype, None, rtol, atol)
+    compare_paths(config(ssm_layer, "torch"), dtype, None, rtol, atol)
 
 
 @pytest.mark.skipif(not ON_GPU, reason=SKIP_GPU)
@@ -143,7 +145,7 @@ def test_kernel_path_matches_torch_path_one_document(ssm_layer, dtype, rtol, ato
 def test_kernel_path_matches_torch_path_with_document_resets(ssm_layer, dtype, rtol, atol):
     """Mamba-2's kernels reset at seq_idx; Mamba-1's scan through scan_with_resets."""
     positions = torch.cat([torch.arange(100), torch.arange(60), torch.arange(96)])[None].repeat(2, 1).cuda()
-    compare_paths(ssm_layer, dtype, positions, rtol, atol)
+    compare_paths(config(ssm_layer, "torch"), dtype, positions, rtol, atol)
 
 
 # Mamba-3: its own probe (mamba-ssm >= 2.3.2), so Mamba-1/2 keep their kernels with 2.3.1.
@@ -223,23 +225,6 @@ def test_mamba3_cuda_dispatch_through_kernel_standins_equals_the_torch_path(monk
         assert calls == [None, None]
 
 
-def compare_mamba3_paths(dtype, positions, rtol, atol):
-    torch.manual_seed(0)
-    ref = MambaLMHeadModel(mamba3_config("torch")).cuda()
-    fast = copy.deepcopy(ref)
-    set_kernels(fast, "cuda")
-    ids = torch.randint(0, 100, (2, 256), device="cuda")
-    results = []
-    for model in (ref, fast):
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(ids, positions)
-        logits.float().square().mean().backward()
-        results.append((logits.float(), {n: p.grad.float() for n, p in model.named_parameters()}))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=rtol, atol=atol)
-    for name, grad in results[0][1].items():
-        torch.testing.assert_close(results[1][1][name], grad, rtol=rtol, atol=atol, msg=name)
-
-
 # The Mamba-3 kernel computes Q, K, V and the gate in bf16 whatever the input dtype
 # (mamba3_siso_combined casts them), so even float32 runs compare at bf16 tolerances.
 MAMBA3_TOLS = [(torch.float32, 5e-2, 5e-2), (torch.bfloat16, 5e-2, 5e-2)]
@@ -252,4 +237,4 @@ def test_mamba3_kernel_path_matches_torch_path(dtype, rtol, atol, with_documents
     positions = None
     if with_documents:
         positions = torch.cat([torch.arange(100), torch.arange(60), torch.arange(96)])[None].repeat(2, 1).cuda()
-    compare_mamba3_paths(dtype, positions, rtol, atol)
+    compare_paths(mamba3_config("torch"), dtype, positions, rtol, atol)

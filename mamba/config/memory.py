@@ -60,7 +60,7 @@ all-gathers (amp_bf16 and fsdp.mixed_precision=DEFAULT), else 4):
             + 2 * 2HN + 4 * 4H    rotated C and scaled B per head (bf16); fp32 cumulative decay,
                                   qk dot, scale and gamma per head
             + (2EN + 4H) / Q      one bf16 (H, P, N) state and one fp32 decay sum per chunk
-            [+ 22E + 4H, with is_outproj_norm: the torch NormThenGate's fp32 copies of y, z,
+            [+ 22E + 4H, with is_outproj_norm: the torch RMSNormGated's fp32 copies of y, z,
                                   silu(z), the normed and weighted y, rstd per head, and its
                                   bf16 result]
 

@@ -37,7 +37,7 @@ from torch import nn
 from mamba.model.mixer_init import init_dt_bias, state_options
 from mamba.model.ops import kernels
 from mamba.model.ops.mamba3_scan import mamba3_scan_chunked, mamba3_step_update
-from mamba.model.ops.rms_norm import RMSNorm
+from mamba.model.ops.rms_norm import RMSNorm, RMSNormGated
 
 
 def rope_angles(d_state: int, rope_fraction: float) -> int:
@@ -45,27 +45,6 @@ def rope_angles(d_state: int, rope_fraction: float) -> int:
     rope_fraction) channels, rounded down to even, form S rotated pairs."""
     rotated = int(d_state * rope_fraction)
     return (rotated - rotated % 2) // 2
-
-
-class NormThenGate(nn.Module):
-    """rmsnorm(y) * weight * silu(z), the statistics over each group of `group_size` channels:
-    mamba-ssm's RMSNormGated with norm_before_gate=True (Mamba-3's is_outproj_norm), float32
-    statistics. y, z (..., hidden_size)."""
-
-    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-5, device=None, dtype=None):
-        super().__init__()
-        self.eps, self.group_size = eps, group_size
-        self.weight = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-
-    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        compute = torch.promote_types(y.dtype, torch.float32)
-        groups = y.to(compute).unflatten(-1, (-1, self.group_size))
-        normed = (groups * torch.rsqrt(groups.square().mean(-1, keepdim=True) + self.eps)).flatten(-2)
-        return (normed * self.weight.to(compute) * F.silu(z.to(compute))).to(y.dtype)
 
 
 class Mamba3(nn.Module):
@@ -138,7 +117,7 @@ class Mamba3(nn.Module):
         self.C_norm = RMSNorm(N, eps=1e-5, **factory)
         self.D = nn.Parameter(torch.empty(H, device=device))
         if is_outproj_norm:
-            self.norm = NormThenGate(self.d_inner, group_size=headdim, eps=1e-5, **factory)
+            self.norm = RMSNormGated(self.d_inner, group_size=headdim, eps=1e-5, norm_before_gate=True, **factory)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False, **factory)
         self.reset_parameters()
 

@@ -37,19 +37,21 @@ class RMSNorm(nn.Module):
 
 
 class RMSNormGated(nn.Module):
-    """Mamba-2's gated, grouped RMSNorm: y = rmsnorm(x * silu(z)) * weight, with the statistics
-    taken over each group of `group_size` channels (mamba-ssm `ops/triton/layernorm_gated.py`,
-    `RMSNormGated` with norm_before_gate=False, `rms_norm_ref`). x, z (..., hidden_size).
+    """The gated, grouped RMSNorm of mamba-ssm (`ops/triton/layernorm_gated.py`, `RMSNormGated`,
+    `rms_norm_ref`), statistics taken over each group of `group_size` channels; x, z (..., hidden_size):
+        norm_before_gate=False (Mamba-2):                y = rmsnorm(x * silu(z)) * weight
+        norm_before_gate=True  (Mamba-3 is_outproj_norm): y = rmsnorm(x) * weight * silu(z)
 
     The group is what makes the norm independent of tensor-parallel sharding in mamba-ssm
     (group_size = d_inner / ngroups); float32 statistics as in RMSNorm above.
     """
 
-    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-5, device=None, dtype=None):
+    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-5, norm_before_gate: bool = False,
+                 device=None, dtype=None):
         super().__init__()
         if hidden_size % group_size:
             raise ValueError(f"RMSNormGated: group_size {group_size} must divide hidden_size {hidden_size}")
-        self.eps, self.group_size = eps, group_size
+        self.eps, self.group_size, self.norm_before_gate = eps, group_size, norm_before_gate
         self.weight = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -58,10 +60,12 @@ class RMSNormGated(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         compute = torch.promote_types(x.dtype, torch.float32)
-        xf = x.to(compute) * torch.nn.functional.silu(z.to(compute))
+        gate = torch.nn.functional.silu(z.to(compute))
+        xf = x.to(compute) if self.norm_before_gate else x.to(compute) * gate
         groups = xf.unflatten(-1, (-1, self.group_size))  # (..., hidden / group_size, group_size)
         rstd = torch.rsqrt(groups.square().mean(dim=-1, keepdim=True) + self.eps)
-        return ((groups * rstd).flatten(-2) * self.weight.to(compute)).to(x.dtype)
+        y = (groups * rstd).flatten(-2) * self.weight.to(compute)
+        return (y * gate if self.norm_before_gate else y).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, group_size={self.group_size}, eps={self.eps}"

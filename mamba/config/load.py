@@ -257,6 +257,10 @@ def _validate_mamba3(m) -> None:
              f"model.d_state={m.d_state} with model.rope_fraction={m.rope_fraction} rotates no channel pair; "
              "use d_state >= 4 (or rope_fraction 1.0)")
     _require(m.A_floor > 0, f"model.A_floor={m.A_floor} must be positive (the decay rate is clamped to A <= -A_floor)")
+    if m.is_mimo:
+        _require(m.mimo_rank >= 1, f"model.mimo_rank={m.mimo_rank} must be >= 1 (with model.is_mimo)")
+        _require(m.d_state % 2 == 0,
+                 f"model.d_state={m.d_state} must be even with model.is_mimo (MIMO rotates channel i with i + d_state/2)")
 
 
 def _validate_hybrid(m) -> None:

@@ -94,6 +94,12 @@ class ModelConfig:
     is_outproj_norm: bool = False
     """Mamba-3 only: a per-head RMSNorm of the scan output before the silu(z) gate and out_proj
     (mamba-ssm's is_outproj_norm; adds norm.weight); false: the gate alone."""
+    is_mimo: bool = False
+    """Mamba-3 only: the multi-input, multi-output form: mimo_rank inputs and outputs per token
+    through the same state (R times the scan FLOPs, same state size; adds mimo_x, mimo_z, mimo_o).
+    mamba-ssm recommends chunk_size 64 / mimo_rank with it."""
+    mimo_rank: int = 4
+    """Mamba-3 with is_mimo only: the rank R (mamba-ssm's kernels are tested at 1, 2, 4 and 8)."""
     dt_min: float = 0.001
     """Smallest initial step size dt (log-uniform in [dt_min, dt_max])."""
     dt_max: float = 0.1

@@ -26,7 +26,7 @@ def mamba_config(model_cfg) -> MambaConfig:
         d_state=m.d_state, d_conv=m.d_conv, expand=m.expand, dt_min=m.dt_min, dt_max=m.dt_max,
         headdim=m.headdim, ngroups=m.ngroups, chunk_size=m.chunk_size,
         A_init_range=tuple(m.A_init_range), rope_fraction=m.rope_fraction, A_floor=m.A_floor,
-        is_outproj_norm=m.is_outproj_norm, kernels=m.kernels,
+        is_outproj_norm=m.is_outproj_norm, is_mimo=m.is_mimo, mimo_rank=m.mimo_rank, kernels=m.kernels,
         pad_vocab_size_multiple=m.pad_vocab_size_multiple, tie_embeddings=m.tie_embeddings,
         document_isolation=m.document_isolation, attn_layer_idx=tuple(m.attn_layer_idx),
         attn_cfg=attn_kwargs(m.attn_cfg) if m.attn_layer_idx else {}, d_intermediate=m.d_intermediate,

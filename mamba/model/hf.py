@@ -179,12 +179,15 @@ def load_pretrained(model: MambaLMHeadModel, path: str) -> None:
         check(fields[name] == value, f"{path}: checkpoint has {name}={fields[name]}, the model {value}; "
                                      f"set model.{name}={fields[name]}")
     mixer = ssm_mixer(model)
-    # Mamba-3's rope_fraction and is_outproj_norm also show in the shapes, A_floor only in the result.
-    for name in ("d_state", "headdim", "ngroups", "rope_fraction", "A_floor", "is_outproj_norm"):
+    # Mamba-3's rope_fraction, is_outproj_norm and MIMO rank (1: SISO) also show in the shapes,
+    # A_floor only in the result.
+    for name in ("d_state", "headdim", "ngroups", "rope_fraction", "A_floor", "is_outproj_norm", "mimo_rank"):
         if fields.get(name) is not None and hasattr(mixer, name):
+            fix = f"model.{name}={fields[name]}"
+            if name == "mimo_rank":
+                fix = "model.is_mimo=false" if fields[name] == 1 else f"model.is_mimo=true {fix}"
             check(fields[name] == getattr(mixer, name),
-                  f"{path}: checkpoint has {name}={fields[name]}, the model {getattr(mixer, name)}; "
-                  f"set model.{name}={fields[name]}")
+                  f"{path}: checkpoint has {name}={fields[name]}, the model {getattr(mixer, name)}; set {fix}")
     check_hybrid_layout(model, fields, path)
 
     params = model.state_dict()

@@ -78,6 +78,10 @@ class MambaConfig:
     """Mamba-3: the data-dependent decay rate is clamped to A <= -A_floor."""
     is_outproj_norm: bool = False
     """Mamba-3: per-head RMSNorm of the scan output before the silu(z) gate (adds norm.weight)."""
+    is_mimo: bool = False
+    """Mamba-3: multi-input, multi-output form of rank mimo_rank (adds mimo_x, mimo_z, mimo_o)."""
+    mimo_rank: int = 4
+    """Mamba-3 with is_mimo: R inputs and outputs per token through one state."""
     kernels: KernelMode = "auto"
     """"auto" | "torch" | "cuda": mamba-ssm's CUDA kernels or the torch ops (ops/kernels.py)."""
     norm_eps: float = 1e-5
@@ -136,6 +140,7 @@ def make_mixer(config: MambaConfig, layer_idx: int) -> nn.Module:
         return Mamba3(c.d_model, d_state=c.d_state, expand=c.expand, headdim=c.headdim, ngroups=c.ngroups,
                       rope_fraction=c.rope_fraction, dt_min=c.dt_min, dt_max=c.dt_max,
                       dt_init_floor=c.dt_init_floor, A_floor=c.A_floor, is_outproj_norm=c.is_outproj_norm,
+                      is_mimo=c.is_mimo, mimo_rank=c.mimo_rank,
                       chunk_size=c.chunk_size, kernels_mode=c.kernels)
     raise ValueError(f"ssm_layer={c.ssm_layer!r}: choose one of {get_args(SsmLayer)}")
 

@@ -22,9 +22,8 @@ norm_before_gate) are refused by name rather than silently dropped.
 
 Mamba-3 (ssm_cfg.layer "Mamba3"): the mixer's arguments are those of mamba-ssm 2.3.2's
 `Mamba3.__init__` (mamba_ssm/modules/mamba3.py): d_state, expand, headdim, ngroups, rope_fraction,
-dt_min, dt_max, dt_init_floor, A_floor, is_outproj_norm, is_mimo, chunk_size; absent ones take its
-defaults (d_state 128, headdim 64, chunk_size 64, ...). MIMO (is_mimo true) is refused. Two
-caveats about mamba-ssm itself, read off its git history:
+dt_min, dt_max, dt_init_floor, A_floor, is_outproj_norm, is_mimo, mimo_rank, chunk_size; absent
+ones take its defaults (d_state 128, headdim 64, chunk_size 64, mimo_rank 4, ...). Two caveats about mamba-ssm itself, read off its git history:
   - the 2.3.2 release's `create_block` (models/mixer_seq_simple.py) dispatches only "Mamba1" and
     "Mamba2" and raises ValueError on "Mamba3"; the dispatch came later on its main branch
     (commit b3cae1b, PR #968), so `MambaLMHeadModel.from_pretrained` of such a directory needs a
@@ -70,15 +69,15 @@ _SSM_INIT_KEYS = {"dt_min", "dt_max", "dt_init_floor", "A_init_range", "dt_init"
 _SSM_SHAPE_KEYS = {"mamba1": {"d_state", "d_conv", "expand", "dt_rank"},
                    "mamba2": {"d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"},
                    # mamba-ssm 2.3.2 Mamba3.__init__'s arguments that this model reads (all but the
-                   # init-only dt_* and the MIMO pair below)
+                   # init-only dt_*)
                    "mamba3": {"d_state", "expand", "headdim", "ngroups", "chunk_size", "rope_fraction", "A_floor",
-                              "is_outproj_norm"}}
+                              "is_outproj_norm", "is_mimo", "mimo_rank"}}
 # mamba-ssm's Mamba3 defaults where they differ from MambaConfig's (mamba_ssm/modules/mamba3.py).
 MAMBA3_DEFAULTS = {"d_state": 128, "headdim": 64, "chunk_size": 64}
 # Mamba3 arguments that do not change a SISO model: `dropout`, `layer_idx`, `n_layer` it only
-# absorbs ("Just to absorb the kwarg"); `mimo_rank` it resets to 1 unless is_mimo;
-# `fuse_pregate_headwise_norm` (after 2.3.2) acts on MIMO only.
-_MAMBA3_IGNORED = {"dropout", "layer_idx", "n_layer", "mimo_rank", "fuse_pregate_headwise_norm"}
+# absorbs ("Just to absorb the kwarg"); `fuse_pregate_headwise_norm` (after 2.3.2) moves MIMO's
+# per-rank output norm into the kernel, the same computation.
+_MAMBA3_IGNORED = {"dropout", "layer_idx", "n_layer", "fuse_pregate_headwise_norm"}
 # Keys that change the computation: accepted only at the value this model implements.
 _SSM_FIXED = {"bias": False, "conv_bias": True, "d_ssm": None, "D_has_hdim": False, "rmsnorm": True,
               "norm_before_gate": False, "dt_limit": [0.0, math.inf]}
@@ -121,7 +120,7 @@ def mamba_ssm_config(model: MambaLMHeadModel) -> dict:
         ssm_cfg = {"layer": layer, "d_state": c.d_state, "expand": c.expand, "headdim": c.headdim,
                    "ngroups": c.ngroups, "rope_fraction": c.rope_fraction, "dt_min": c.dt_min, "dt_max": c.dt_max,
                    "dt_init_floor": c.dt_init_floor, "A_floor": c.A_floor, "is_outproj_norm": c.is_outproj_norm,
-                   "is_mimo": False, "chunk_size": c.chunk_size}
+                   "is_mimo": c.is_mimo, "mimo_rank": c.mimo_rank, "chunk_size": c.chunk_size}
     else:
         ssm_cfg = {"layer": layer, "d_state": c.d_state, "d_conv": c.d_conv, "expand": c.expand,
                    "dt_min": c.dt_min, "dt_max": c.dt_max, "dt_init_floor": c.dt_init_floor}
@@ -194,20 +193,21 @@ def _ssm_arguments(ssm_cfg: dict, kind: str, where: str) -> dict:
 
 def _mamba3_arguments(ssm_cfg: dict, where: str) -> dict:
     """A Mamba3 ssm_cfg (without layer) -> MambaConfig's arguments, at mamba-ssm's defaults where absent."""
-    check(ssm_cfg.get("is_mimo", False) is False,
-          f"{where}: ssm_cfg.is_mimo={ssm_cfg.get('is_mimo')!r} (mimo_rank={ssm_cfg.get('mimo_rank', 4)}): "
-          f"MIMO Mamba-3 is not implemented here; only the SISO form (is_mimo false) loads")
     arguments = dict(MAMBA3_DEFAULTS)
     for key, value in ssm_cfg.items():
         if key in _SSM_SHAPE_KEYS["mamba3"] or key in {"dt_min", "dt_max", "dt_init_floor"}:
             arguments[key] = value
         else:
-            check(key in _MAMBA3_IGNORED or key == "is_mimo",
+            check(key in _MAMBA3_IGNORED,
                   f"{where}: ssm_cfg.{key} is not an argument of mamba-ssm 2.3.2's Mamba3 that this model "
                   f"reads (mamba-ssm would swallow it unread through **kwargs); remove it if that is intended")
     rope_fraction = arguments.get("rope_fraction", 0.5)
     check(rope_fraction in (0.5, 1.0),
           f"{where}: ssm_cfg.rope_fraction={rope_fraction!r}: mamba-ssm's Mamba3 allows 0.5 or 1.0")
+    check(isinstance(arguments.get("is_mimo", False), bool),
+          f"{where}: ssm_cfg.is_mimo={arguments.get('is_mimo')!r} must be true or false")
+    if not arguments.get("is_mimo", False):
+        arguments.pop("mimo_rank", None)  # mamba-ssm sets it to 1 without is_mimo
     return arguments
 
 
@@ -243,7 +243,8 @@ def mamba_ssm_arch(cfg: dict, path: Path) -> dict:
 
 def arch_fields(arch: dict) -> dict:
     """The architecture fields load_pretrained compares, from MambaConfig arguments (for Mamba-3
-    also rope_fraction, A_floor and is_outproj_norm: A_floor changes the result, not a shape)."""
+    also rope_fraction, A_floor, is_outproj_norm and the MIMO rank (1 for SISO): A_floor changes the
+    result, not a shape)."""
     heads = arch["ssm_layer"] in ("mamba2", "mamba3")
     mamba3 = arch["ssm_layer"] == "mamba3"
     return {
@@ -253,6 +254,7 @@ def arch_fields(arch: dict) -> dict:
         "rope_fraction": arch.get("rope_fraction", 0.5) if mamba3 else None,
         "A_floor": arch.get("A_floor", 1e-4) if mamba3 else None,
         "is_outproj_norm": arch.get("is_outproj_norm", False) if mamba3 else None,
+        "mimo_rank": (arch.get("mimo_rank", 4) if arch.get("is_mimo", False) else 1) if mamba3 else None,
         "attn_layer_idx": tuple(arch["attn_layer_idx"]), "attn_cfg": arch["attn_cfg"],
         "d_intermediate": arch["d_intermediate"],
     }

@@ -99,3 +99,26 @@ def mamba3_siso_combined(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None,
 
 
 MAMBA3_STANDINS = {"mamba3_siso_combined": mamba3_siso_combined}
+
+
+def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D, Z, chunk_size,
+                rotary_dim_divisor, dtype, return_state=False, cu_seqlens=None):
+    """mamba-ssm 2.3.2's Mamba-3 MIMO scan (ops/tilelang/mamba3/mamba3_mimo.py): Q = C, K = B
+    (b, l, R, G, N), V = x (b, l, H, P), ADT, DT, Trap (b, H, l), biases (H, R, N), MIMO_* (H, R, P),
+    Angles (b, l, H, N / rotary_dim_divisor); no MIMO_Out: (b, l, R, H, P). With cu_seqlens (batch
+    1) each sequence starts from zero states. Here: the float64 sequential reference."""
+    from mamba.model.ops.mamba3_scan import mamba3_scan_ref
+
+    assert not return_state, "the model does not ask for the final states"
+    assert Angles.shape[-1] * rotary_dim_divisor == Q.shape[-1] and rotary_dim_divisor in (2, 4)
+    assert dtype == V.dtype and chunk_size >= 8
+    reset = None
+    if cu_seqlens is not None:
+        assert Q.shape[0] == 1, "varlen mode takes one row"
+        reset = torch.zeros(1, Q.shape[1], dtype=torch.bool, device=Q.device)
+        reset[0, cu_seqlens[:-1].long()] = True
+    return mamba3_scan_ref(Q, K, V, ADT.transpose(1, 2), DT.transpose(1, 2), Trap.transpose(1, 2), Angles,
+                           Q_bias, K_bias, D, Z, reset, MIMO_V, MIMO_Z if Z is not None else None, MIMO_Out)
+
+
+MAMBA3_MIMO_STANDINS = {"mamba3_mimo": mamba3_mimo}

@@ -83,11 +83,13 @@ MAMBA_SSM_CASES = {
     "mamba3-outproj-norm-rope-half": dict(ssm_layer="mamba3", is_outproj_norm=True, rope_fraction=0.5),
     "mamba3-gate-rope-full-ngroups2": dict(ssm_layer="mamba3", rope_fraction=1.0, ngroups=2, A_floor=0.05),
     "mamba3-hybrid-mlp": dict(ssm_layer="mamba3", is_outproj_norm=True, attn_layer_idx=(1,), d_intermediate=64),
+    "mamba3-mimo-outproj-norm": dict(ssm_layer="mamba3", is_mimo=True, mimo_rank=2, is_outproj_norm=True),
+    "mamba3-mimo-gate-rope-full": dict(ssm_layer="mamba3", is_mimo=True, mimo_rank=3, rope_fraction=1.0),
 }
 # mamba-ssm 2.3.2's Mamba3.__init__ arguments (mamba_ssm/modules/mamba3.py), in its order, less
-# mimo_rank (ignored when is_mimo is false) and what it only absorbs (dropout, layer_idx, n_layer).
+# what it only absorbs (dropout, layer_idx, n_layer).
 MAMBA3_ARGS = ["d_state", "expand", "headdim", "ngroups", "rope_fraction", "dt_min", "dt_max", "dt_init_floor",
-               "A_floor", "is_outproj_norm", "is_mimo", "chunk_size"]
+               "A_floor", "is_outproj_norm", "is_mimo", "mimo_rank", "chunk_size"]
 
 
 @pytest.mark.parametrize("case", MAMBA_SSM_CASES)
@@ -103,8 +105,8 @@ def test_mamba_ssm_layout_round_trip_gives_identical_logits(tmp_path, case):
     assert loaded.config.attn_layer_idx == source.config.attn_layer_idx
     assert torch.equal(logits(loaded), logits(source))
     if source.config.ssm_layer == "mamba3":
-        assert cfg["ssm_cfg"] == {"layer": "Mamba3", **{k: getattr(source.config, k) for k in MAMBA3_ARGS[:-2]},
-                                  "is_mimo": False, "chunk_size": 16}
+        assert cfg["ssm_cfg"] == {"layer": "Mamba3", **{k: getattr(source.config, k) for k in MAMBA3_ARGS[:-1]},
+                                  "chunk_size": 16}
         assert list(cfg["ssm_cfg"])[1:] == MAMBA3_ARGS
         assert choose_format(source) == "mamba-ssm"  # auto: transformers has no Mamba-3 class
 
@@ -135,6 +137,24 @@ def test_mamba3_init_from_loads_a_mamba_ssm_checkpoint(tmp_path):
         build_model(ModelConfig(**{**keys, "ssm_layer": "mamba2", "is_outproj_norm": False}))
 
 
+def test_mamba3_mimo_rank_must_match_the_checkpoint(tmp_path):
+    """A MIMO checkpoint into a SISO model (or another rank), and back: the message names the keys."""
+    keys = dict(d_model=32, n_layer=2, vocab_size=TOK.vocab_size, ssm_layer="mamba3", d_state=8, headdim=16,
+                chunk_size=16, kernels="torch")
+    source = random_model(24, ssm_layer="mamba3", n_layer=2, is_mimo=True, mimo_rank=2)
+    export_hf(source, str(tmp_path / "mimo"), fmt="mamba-ssm")
+    init = str(tmp_path / "mimo")
+    assert torch.equal(logits(build_model(ModelConfig(**keys, is_mimo=True, mimo_rank=2, init_from=init)).eval()),
+                       logits(source))
+    for extra in ({}, {"is_mimo": True, "mimo_rank": 4}):
+        with pytest.raises(CheckpointMismatchError, match=r"checkpoint has mimo_rank=2, the model \d; "
+                                                          r"set model.is_mimo=true model.mimo_rank=2"):
+            build_model(ModelConfig(**keys, **extra, init_from=init))
+    export_hf(random_model(25, ssm_layer="mamba3", n_layer=2), str(tmp_path / "siso"), fmt="mamba-ssm")
+    with pytest.raises(CheckpointMismatchError, match=r"checkpoint has mimo_rank=1, the model 2; set model.is_mimo=false"):
+        build_model(ModelConfig(**keys, is_mimo=True, mimo_rank=2, init_from=str(tmp_path / "siso")))
+
+
 def test_mamba3_layout_without_options_takes_mamba3_defaults(tmp_path):
     """ssm_cfg {"layer": "Mamba3"} alone: d_state 128, headdim 64 and chunk_size 64 are mamba-ssm
     Mamba3's defaults, not MambaConfig's (16, 256), and A_floor 1e-4, rope_fraction 0.5, no
@@ -153,7 +173,7 @@ def test_mamba3_layout_without_options_takes_mamba3_defaults(tmp_path):
 
 
 MAMBA3_REFUSALS = {  # a change to an exported Mamba-3 model's ssm_cfg -> the message that names it
-    "mimo": (dict(is_mimo=True, mimo_rank=4), r"ssm_cfg.is_mimo=True \(mimo_rank=4\): MIMO Mamba-3 is not implemented"),
+    "mimo-flag": (dict(is_mimo="yes"), r"ssm_cfg.is_mimo='yes' must be true or false"),
     "rope-quarter": (dict(rope_fraction=0.25), r"ssm_cfg.rope_fraction=0.25: .* 0.5 or 1.0"),
     "mamba2-key": (dict(d_conv=4), r"ssm_cfg.d_conv is not an argument of mamba-ssm 2.3.2's Mamba3"),
 }

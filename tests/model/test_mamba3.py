@@ -180,8 +180,6 @@ def test_parameter_names_shapes_and_init_are_mamba_ssm(outproj_norm):
     assert bool(((dt >= 1e-3 - 1e-7) & (dt <= 0.1 + 1e-7)).all())
     bf16 = Mamba3(32, d_state=16, headdim=16, kernels_mode="torch", dtype=torch.bfloat16)
     assert {n for n, p in bf16.named_parameters() if p.dtype == torch.float32} == {"dt_bias", "B_bias", "C_bias", "D"}
-    with pytest.raises(ValueError, match="is_mimo=True"):
-        small(is_mimo=True)
     with pytest.raises(ValueError, match="rope_fraction=0.25"):
         small(rope_fraction=0.25)
 

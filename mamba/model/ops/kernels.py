@@ -65,13 +65,16 @@ def _probe() -> tuple[dict | None, str]:
 
 # The kernel families, each imported by its own probe: "mamba-ssm" (Mamba-1/2, any 2.x with
 # causal-conv1d) and "mamba3" (mamba-ssm >= 2.3.2's Mamba-3 kernel, so that Mamba-1/2 keep their
-# kernels with 2.3.1). Per family: (probe name, what `kernels: cuda` needs, how to install it).
+# kernels with 2.3.1), "mamba3-mimo" (its MIMO kernel, which also needs tilelang). Per family: (probe name, what `kernels: cuda` needs, how to install it).
 # The probe is looked up by name at call time, so tests can stand one in.
 FAMILIES = {
     "mamba-ssm": ("_probe", "model.kernels='cuda' but mamba-ssm's CUDA kernels",
                   "Install mamba-ssm and causal-conv1d on a CUDA machine (pip install mamba-ssm causal-conv1d)"),
     "mamba3": ("_probe_mamba3", "model.kernels='cuda' with ssm_layer mamba3 needs mamba-ssm >= 2.3.2's Mamba-3 "
                "kernel, which", "Install it on a CUDA machine (pip install 'mamba-ssm>=2.3.2')"),
+    "mamba3-mimo": ("_probe_mamba3_mimo", "model.kernels='cuda' with ssm_layer mamba3 and is_mimo needs mamba-ssm "
+                    ">= 2.3.2's TileLang MIMO kernel, which",
+                    "Install it on a CUDA machine (pip install 'mamba-ssm>=2.3.2' tilelang==0.1.8)"),
 }
 
 
@@ -102,7 +105,7 @@ def check_mode(mode: str) -> None:
 
 
 def use_cuda(mode: str, tensor: torch.Tensor, op: str, family: str = "mamba-ssm") -> bool:
-    """Whether `op` ("selective scan", "ssd scan", "add+norm", "mamba3 scan") runs on the kernels
+    """Whether `op` ("selective scan", "ssd scan", "add+norm", "mamba3 scan", ...) runs on the kernels
     of `family` for this input; logs the choice once per op."""
     check_mode(mode)
     if mode == "cuda":
@@ -278,11 +281,7 @@ def mamba3_siso(C, B, x, adt, dt, trap, angles, C_bias, B_bias, D, z, chunk_size
     mamba3_scan_chunked (C, B (b, L, G, N), x (b, L, H, P), adt, dt, trap (b, L, H), angles
     (b, L, S), biases (H, N), D (H,), z (b, L, H, P) or None, reset (b, L) bool or None)."""
     batch, length, nheads, headdim = x.shape
-    dstate = B.shape[-1]
-    for name, value in (("model.d_state", dstate), ("model.headdim", headdim)):
-        if value & (value - 1):
-            raise ValueError(f"{name}={value}: mamba-ssm's Mamba-3 kernel needs powers of two (its TMA "
-                             "blocks); choose one, or set model.kernels='torch'")
+    _check_mamba3_shapes(B.shape[-1], headdim)
     # Angles per head in (at least) float32, as mamba-ssm's Mamba3.forward hands them over.
     angles = angles.unsqueeze(-2).expand(-1, -1, nheads, -1).to(torch.promote_types(angles.dtype, torch.float32))
     fn = _probe_mamba3()[0]["mamba3_siso_combined"]
@@ -298,3 +297,53 @@ def mamba3_siso(C, B, x, adt, dt, trap, angles, C_bias, B_bias, D, z, chunk_size
            C_bias, B_bias, row(angles), D=D, Z=None if z is None else row(z), chunk_size=chunk_size,
            cu_seqlens=cu_seqlens)
     return y.reshape(batch, length, nheads, headdim)
+
+
+def _check_mamba3_shapes(dstate: int, headdim: int) -> None:
+    """Refuse, naming the key, what mamba-ssm's Mamba-3 kernels cannot tile."""
+    for name, value in (("model.d_state", dstate), ("model.headdim", headdim)):
+        if value & (value - 1):
+            raise ValueError(f"{name}={value}: mamba-ssm's Mamba-3 kernels need powers of two (their tile "
+                             "blocks); choose one, or set model.kernels='torch'")
+
+
+# Mamba-3 MIMO (mamba-ssm >= 2.3.2 with tilelang):
+#   mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D, Z,
+#       chunk_size, rotary_dim_divisor, dtype, cu_seqlens=) (ops/tilelang/mamba3/mamba3_mimo.py):
+#       Q = C, K = B (b, l, R, G, N), V = x (b, l, H, P), biases (H, R, N), MIMO_* (H, R, P) (no
+#       MIMO_Out: the R outputs come back, (b, l, R, H, P)); the others as the SISO kernel's.
+#       rotary_dim_divisor = N / S (4 for rope_fraction 0.5, 2 for 1.0).
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_mamba3_mimo() -> tuple[dict | None, str]:
+    """Import mamba-ssm's Mamba-3 MIMO kernel once: (dict of functions or None, reason when unavailable)."""
+    try:
+        from mamba_ssm.ops.tilelang.mamba3.mamba3_mimo import mamba3_mimo
+    except Exception as exc:  # noqa: BLE001 - as _probe
+        return None, f"{type(exc).__name__}: {exc}"
+    return {"mamba3_mimo": mamba3_mimo}, ""
+
+
+def mamba3_mimo(C, B, x, adt, dt, trap, angles, C_bias, B_bias, D, z, chunk_size, reset, mimo_x, mimo_z=None,
+                mimo_o=None):
+    """The Mamba-3 MIMO scan on mamba-ssm's kernel; arguments and result as ops/mamba3_scan.py's
+    mamba3_scan_chunked with mimo_x (C, B (b, L, R, G, N), biases (H, R, N), mimo_* (H, R, P));
+    document starts as for mamba3_siso."""
+    batch, length, nheads, headdim = x.shape
+    dstate = B.shape[-1]
+    _check_mamba3_shapes(dstate, headdim)
+    angles = angles.unsqueeze(-2).expand(-1, -1, nheads, -1).to(torch.promote_types(angles.dtype, torch.float32))
+    options = dict(chunk_size=chunk_size, rotary_dim_divisor=dstate // angles.shape[-1], dtype=x.dtype)
+    fn = _probe_mamba3_mimo()[0]["mamba3_mimo"]
+    if reset is None:
+        return fn(C, B, x, adt.transpose(1, 2), dt.transpose(1, 2), trap.transpose(1, 2), C_bias, B_bias, mimo_x,
+                  mimo_z, mimo_o, angles, D, z, **options)
+
+    def row(t):  # (b, L, ...) -> (1, b * L, ...)
+        return t.reshape(1, batch * length, *t.shape[2:])
+
+    y = fn(row(C), row(B), row(x), row(adt).transpose(1, 2), row(dt).transpose(1, 2), row(trap).transpose(1, 2),
+           C_bias, B_bias, mimo_x, mimo_z, mimo_o, row(angles), D, None if z is None else row(z),
+           cu_seqlens=cu_seqlens_from_reset(reset, batch, length, x.device), **options)
+    return y.reshape(batch, length, *y.shape[2:])

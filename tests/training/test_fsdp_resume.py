@@ -222,10 +222,12 @@ def test_hybrid_trains_with_checkpointing_resumes_bit_identically_and_exports(ti
         assert again[b] == first[b], f"batch {b} after resuming from batch 3: {again[b]!r} != {first[b]!r}"
 
 
-def test_mamba3_trains_with_fsdp2_and_checkpointing_like_mamba1(tiny_config):
-    launch(tiny_config, "run_name=mamba3", "model.ssm_layer=mamba3", "model.d_state=32", "model.headdim=32",
-           "model.chunk_size=16", "fsdp.activation_checkpointing=true", "trainer.max_duration=20ba")
-    trained = losses(tiny_config, "mamba3")
+@pytest.mark.parametrize("run,form", [("mamba3", ["model.chunk_size=16"]),  # SISO
+                                      ("mamba3_mimo", ["model.chunk_size=8", "model.is_mimo=true", "model.mimo_rank=2"])])
+def test_mamba3_trains_with_fsdp2_and_checkpointing_like_mamba1(tiny_config, run, form):
+    launch(tiny_config, f"run_name={run}", "model.ssm_layer=mamba3", "model.d_state=32", "model.headdim=32", *form,
+           "fsdp.activation_checkpointing=true", "trainer.max_duration=20ba")
+    trained = losses(tiny_config, run)
     assert sorted(trained) == list(range(1, 21))
     first, last = sum(trained[b] for b in range(1, 4)) / 3, sum(trained[b] for b in range(18, 21)) / 3
     assert last < first - 0.5, f"loss did not fall: {first:.3f} -> {last:.3f}"

@@ -1,9 +1,10 @@
 """Training throughput on one GPU: this project's model vs mamba-ssm's own MambaLMHeadModel, same
-shapes, same step (bf16 autocast over fp32 weights, fused AdamW), for the 130m and 370m shapes.
+shapes, same step (bf16 autocast over fp32 weights, fused AdamW), for the 130m and 370m shapes;
+for Mamba-3, which mamba-ssm's LM does not build, our kernel path vs our torch path.
 Prints a table; asserts nothing. No Composer (a GPU machine's torch need not fit Composer's pin):
 a bare loop, which is also how mamba-ssm's users time their models.
 
-    python benchmarks/model_gpu.py [--shapes 130m 370m] [--layers mamba1 mamba2] [--seq 2048]
+    python benchmarks/model_gpu.py [--shapes 130m 370m] [--layers mamba1 mamba2 mamba3] [--seq 2048]
                                    [--micro-batch 8] [--steps 20] [--warmup 5] [--doc-len 1024]
                                    [--json FILE]   # also append each row as a JSON line (GPU proof)
     python benchmarks/model_gpu.py --smoke      # a tiny shape for 2 steps on any device (CPU too)
@@ -11,12 +12,17 @@ a bare loop, which is also how mamba-ssm's users time their models.
 Rows per shape and mixer:
   ours, documents     position_ids of packed documents (exponential lengths, mean --doc-len):
                       document isolation on, as training runs (Mamba-1: conv + scan kernels with
-                      resets; Mamba-2: the fused kernel with seq_idx)
+                      resets; Mamba-2: the fused kernel with seq_idx; Mamba-3: mamba-ssm >= 2.3.2's
+                      SISO Triton kernel with cu_seqlens); model.kernels=cuda where the mixer's
+                      kernels import on a GPU, else auto (the torch ops, said so)
   ours, one document  no position_ids (Mamba-1: the fused mamba_inner_fn)
+  ours, documents, torch path   Mamba-3 only: the same model with model.kernels=torch (the chunked
+                      scan of mamba/model/ops/mamba3_scan.py), its last column against the kernel
+                      row; skipped, with the reason, where there is no kernel row to compare with
   mamba-ssm           mamba_ssm.models.mixer_seq_simple.MambaLMHeadModel with its defaults for
                       these checkpoints (rms_norm, residual_in_fp32, fused_add_norm), logits
                       then F.cross_entropy, no isolation; skipped with the reason when mamba-ssm
-                      does not import
+                      does not import, and for Mamba-3 (its create_block builds Mamba1/Mamba2 only)
 tokens/s = micro_batch * seq * steps / seconds (synchronised), MFU = tokens/s * training FLOPs per
 token (mamba/model/flops.py: forward + backward, the same formula for both) / the GPU's bf16 dense
 peak (mamba/device_peaks.py), memory = torch.cuda.max_memory_allocated.
@@ -44,7 +50,13 @@ VOCAB = 50277  # GPT-NeoX's tokenizer, the state-spaces checkpoints' (padded to 
 # (their config.json).
 SHAPES = {"130m": (768, 24), "370m": (1024, 48), "1.4b": (2048, 48), "smoke": (128, 2)}
 # The mixers' own settings in those checkpoints: Mamba-1 d_state 16; Mamba-2 d_state 128, headdim 64.
-MIXER = {"mamba1": {"d_state": 16}, "mamba2": {"d_state": 128, "headdim": 64}}
+# Mamba-3 has no checkpoints of these shapes: mamba-ssm 2.3.2's Mamba3 defaults (d_state 128,
+# headdim 64, chunk 64, what it recommends for SISO) on the Mamba-2 rows' d_model x n_layer.
+MIXER = {"mamba1": {"d_state": 16}, "mamba2": {"d_state": 128, "headdim": 64},
+         "mamba3": {"d_state": 128, "headdim": 64, "chunk_size": 64}}
+# The kernel family (mamba/model/ops/kernels.py FAMILIES) each mixer's kernel path needs: Mamba-3's
+# kernel is mamba-ssm >= 2.3.2's, so with 2.3.1 Mamba-1/2 have kernels and Mamba-3 has none.
+FAMILY = {"mamba1": "mamba-ssm", "mamba2": "mamba-ssm", "mamba3": "mamba3"}
 
 
 def packed_positions(batch: int, seq: int, mean_len: int, generator: torch.Generator) -> torch.Tensor:
@@ -61,13 +73,16 @@ def packed_positions(batch: int, seq: int, mean_len: int, generator: torch.Gener
     return torch.stack(rows)
 
 
-def ours(d_model: int, n_layer: int, layer: str) -> MambaLMHeadModel:
+def ours(d_model: int, n_layer: int, layer: str, kernels: str = "auto") -> MambaLMHeadModel:
+    torch.manual_seed(0)  # the kernel and torch-path models of one mixer start from the same weights
     return MambaLMHeadModel(MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB, ssm_layer=layer,
-                                        **MIXER[layer]))
+                                        kernels=kernels, **MIXER[layer]))
 
 
 def mamba_ssm_model(d_model: int, n_layer: int, layer: str):
-    """mamba-ssm's LM with the state-spaces checkpoints' settings, or the import error's text."""
+    """mamba-ssm's LM with the state-spaces checkpoints' settings, or why there is none to time."""
+    if layer == "mamba3":
+        return "mamba-ssm's MambaLMHeadModel builds Mamba1 and Mamba2 layers only (2.3.2's create_block)"
     try:
         from mamba_ssm.models.config_mamba import MambaConfig as SsmConfig
         from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel as SsmLM
@@ -115,7 +130,7 @@ def time_training(model, loss_of, steps: int, warmup: int, device: torch.device)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["130m", "370m"], choices=sorted(SHAPES))
-    parser.add_argument("--layers", nargs="+", default=["mamba1", "mamba2"], choices=sorted(MIXER))
+    parser.add_argument("--layers", nargs="+", default=["mamba1", "mamba2", "mamba3"], choices=sorted(MIXER))
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
@@ -135,9 +150,12 @@ def main() -> None:
     inputs, labels = ids[:, :-1], ids[:, 1:]
     positions = packed_positions(args.micro_batch, args.seq, args.doc_len, generator).to(device)
     print(f"device: {name}; bf16 peak {peak / 1e12:.1f} TFLOP/s" if peak else f"device: {name}; no peak known")
-    ok, why = cuda_kernels_available()
-    on_kernels = ok and device.type == "cuda"
-    print("ours runs on mamba-ssm's kernels" if on_kernels else f"ours runs on the torch ops ({why or 'no GPU'})")
+    kernel_path = {}  # per mixer: (whether ours runs on its kernels, why not)
+    for layer in args.layers:
+        ok, why = cuda_kernels_available(FAMILY[layer])
+        kernel_path[layer] = (ok and device.type == "cuda", why or "no GPU")
+        print(f"ours, {layer}: " + ("mamba-ssm's kernels (model.kernels=cuda)" if kernel_path[layer][0]
+                                    else f"the torch ops ({kernel_path[layer][1]})"))
     print(f"seq {args.seq}, micro batch {args.micro_batch}, {args.steps} timed steps after {args.warmup}; "
           f"{int((positions == 0).sum())} document starts in the documents rows\n")
 
@@ -146,22 +164,30 @@ def main() -> None:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"seq": args.seq, "micro_batch": args.micro_batch, "device": name, **row}) + "\n")
 
-    print("| shape | mixer | impl | tokens/s | MFU | peak GiB | vs mamba-ssm |")
+    print("| shape | mixer | impl | tokens/s | MFU | peak GiB | vs |")
     print("|---|---|---|---|---|---|---|")
+    torch_path = "ours, documents, torch path"
     for shape in args.shapes:
         d_model, n_layer = SHAPES[shape]
         for layer in args.layers:
-            torch.manual_seed(0)
-            model = ours(d_model, n_layer, layer)
+            on_kernels, why_not = kernel_path[layer]
+            model = ours(d_model, n_layer, layer, "cuda" if on_kernels else "auto")
             per_token = flops_per_token(model.config, args.seq)
-            rows = [  # mamba-ssm first: the others' last column compares with it
+
+            def documents(m):
+                return m(inputs, positions, labels)
+
+            rows = [  # (impl, model or why not, loss, the row its last column compares with), references first
                 ("mamba-ssm", mamba_ssm_model(d_model, n_layer, layer),
-                 lambda m: F.cross_entropy(m(inputs).logits.flatten(0, 1).float(), labels.flatten())),
-                ("ours, documents", model, lambda m: m(inputs, positions, labels)),
-                ("ours, one document", model, lambda m: m(inputs, labels=labels)),
+                 lambda m: F.cross_entropy(m(inputs).logits.flatten(0, 1).float(), labels.flatten()), None),
+                ("ours, documents", model, documents, "mamba-ssm"),
+                ("ours, one document", model, lambda m: m(inputs, labels=labels), "mamba-ssm"),
             ]
+            if layer == "mamba3":  # the kernel rows' weights (ours seeds) on the torch ops, where there are such rows
+                rows.append((torch_path, ours(d_model, n_layer, layer, "torch") if on_kernels
+                             else f"no kernel row to compare with: {why_not}", documents, "ours, documents"))
             results = {}
-            for impl, candidate, loss_of in rows:
+            for impl, candidate, loss_of, reference in rows:
                 if isinstance(candidate, str):
                     print(f"| {shape} | {layer} | {impl} | skipped: {candidate} | | | |")
                     emit(shape=shape, mixer=layer, impl=impl, skipped=candidate)
@@ -169,7 +195,7 @@ def main() -> None:
                 error = None
                 try:
                     seconds, mem = time_training(candidate, loss_of, args.steps, args.warmup, device)
-                except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:  # one row's failure, not the table's
+                except Exception as exc:  # noqa: BLE001 - one row's failure (OOM, Triton), not the table's
                     error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
                 if error:  # out of the except block, so the traceback no longer holds the GPU's tensors
                     print(f"| {shape} | {layer} | {impl} | failed: {error} | | | |", flush=True)
@@ -180,11 +206,13 @@ def main() -> None:
                     continue
                 results[impl] = tokens = args.micro_batch * args.seq / seconds
                 mfu = f"{tokens * per_token / peak:.1%}" if peak else "-"
-                ratio = f"{tokens / results['mamba-ssm']:.2f}x" if "mamba-ssm" in results else "-"
+                vs = tokens / results[reference] if reference in results else None
+                ratio = f"{vs:.2f}x {'kernels' if impl == torch_path else reference}" if vs else "-"
                 print(f"| {shape} | {layer} | {impl} | {tokens:,.0f} | {mfu} | {mem:.1f} | {ratio} |", flush=True)
-                emit(shape=shape, mixer=layer, impl=impl, tokens_per_s=tokens, kernels=on_kernels,
+                emit(shape=shape, mixer=layer, impl=impl, tokens_per_s=tokens,
+                     kernels=on_kernels and impl != torch_path,
                      mfu=tokens * per_token / peak if peak else None, peak_gib=mem if mem == mem else None,
-                     vs_mamba_ssm=tokens / results["mamba-ssm"] if impl != "mamba-ssm" and "mamba-ssm" in results else None)
+                     **{"vs_kernels" if impl == torch_path else "vs_mamba_ssm": vs})
 
 
 if __name__ == "__main__":

@@ -5,14 +5,18 @@
     python benchmarks/gpu/bundle.py verify DIR                             sha256 of every file
     python benchmarks/gpu/bundle.py select DIR                             wheels to install here
     python benchmarks/gpu/bundle.py patch-setup SETUP_PY SM                one CUDA arch, e.g. 90
+    python benchmarks/gpu/bundle.py imports SOURCE_DIR MODULE [MODULE ...] what importing them needs
 
 wheelhouse.sh (here, with network) calls reqs and manifest; prove.sh (there) calls verify, select
-and patch-setup. Standard library only: it runs before anything is installed, under whichever
-Python the GPU machine has.
+and patch-setup. `imports` is for choosing the pins: which third-party modules an unpacked sdist's
+modules import, and which only inside try/except ImportError (the package runs without them).
+Standard library only: it runs before anything is installed, under whichever Python the GPU
+machine has.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import re
 import sys
@@ -149,9 +153,10 @@ def select(folder: Path, sections: dict) -> list[Path]:
 
 def patch_setup(setup_py: Path, sm: str) -> None:
     """Make mamba-ssm's or causal-conv1d's setup.py build for one GPU architecture: their list
-    covers sm_53 to sm_121 (on CUDA 13, ten), and each one compiles every kernel again. The line
+    covers sm_75 to sm_121 (on CUDA 13, nine), and each one compiles every kernel again. The line
     goes right before the "# HACK" comment that follows the list, so it overrides whatever the
-    list became; the patch is refused when that anchor is not where it was in 2.3.1 / 1.5.3."""
+    list became; the patch is refused when that anchor is not where it is in mamba-ssm
+    2.3.2.post1 and causal-conv1d 1.5.3.post1 (and was in mamba-ssm 2.3.1)."""
     text = setup_py.read_text()
     marker = "# patched by benchmarks/gpu/bundle.py"
     if marker in text:
@@ -161,6 +166,78 @@ def patch_setup(setup_py: Path, sm: str) -> None:
         raise SystemExit(f"{setup_py}: no cc_flag list before a '# HACK' line; cannot pin the CUDA arch")
     line = f'{anchor.group(1)}cc_flag = ["-gencode", "arch=compute_{sm},code=sm_{sm}"]  {marker}\n'
     setup_py.write_text(text[: anchor.start()] + line + text[anchor.start():])
+
+
+# Handlers under which a failed import is survived: the module then runs without that package.
+SURVIVES_IMPORT_ERROR = {"ImportError", "ModuleNotFoundError", "Exception", "BaseException"}
+
+
+def _module_level_imports(path: Path, module: str) -> list[tuple[str, bool]]:
+    """(absolute module name, guarded) of each import statement that runs when `module` (the file
+    `path`) is imported: module level, inside if/with/try too, not inside functions or classes.
+    Guarded: inside a try whose handlers catch ImportError (or a bare except)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: list[tuple[str, bool]] = []
+
+    def walk(statements, guarded: bool) -> None:
+        for node in statements:
+            if isinstance(node, ast.Try):
+                caught = [h.type.elts if isinstance(h.type, ast.Tuple) else [h.type] for h in node.handlers]
+                catches = any(t is None or getattr(t, "id", "") in SURVIVES_IMPORT_ERROR for ts in caught for t in ts)
+                walk(node.body, guarded or catches)
+                for part in (node.orelse, node.finalbody, *(h.body for h in node.handlers)):
+                    walk(part, guarded)
+            elif isinstance(node, (ast.If, ast.With)):
+                walk(node.body, guarded)
+                walk(getattr(node, "orelse", []), guarded)
+            elif isinstance(node, ast.Import):
+                found.extend((alias.name, guarded) for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the package, one level up per extra dot
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([node.module] if node.module else []))
+                found.append((base, guarded))
+                found.extend((f"{base}.{alias.name}", guarded) for alias in node.names)  # maybe submodules
+
+    walk(ast.parse(path.read_text(), filename=str(path)).body, False)
+    return found
+
+
+def third_party_imports(source: Path, modules: list[str]) -> dict[str, bool]:
+    """{top-level name: required} of the modules outside the standard library and outside
+    `source` (an unpacked sdist) that importing `modules` from `source` imports, following its own
+    modules (parents' __init__ first, as Python does). required is False when every import of the
+    name is guarded, also through a guarded import of one of source's own modules. Static (ast):
+    a package of GPU kernels cannot be imported without a GPU to watch what it loads."""
+    def file_of(name: str) -> Path | None:
+        base = source.joinpath(*name.split("."))
+        for candidate in (base / "__init__.py", base.with_suffix(".py")):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    missing = [m for m in modules if file_of(m) is None]
+    if missing:
+        raise SystemExit(f"{source}: no module {', '.join(missing)} there; pass an unpacked sdist's folder "
+                         "and dotted module names inside it")
+    required: dict[str, bool] = {}
+    seen: set[tuple[str, bool]] = set()
+    todo = [(m, False) for m in modules]
+    while todo:
+        name, guarded = todo.pop()
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:depth])
+            path = file_of(prefix)
+            if path is None:
+                if depth == 1 and parts[0] not in sys.stdlib_module_names and not (source / parts[0]).is_dir():
+                    required[parts[0]] = required.get(parts[0], False) or not guarded
+                continue  # a name imported from a module (a function), not a module of its own
+            if (prefix, guarded) not in seen:
+                seen.add((prefix, guarded))
+                todo.extend((dep, guarded or g) for dep, g in _module_level_imports(path, prefix))
+    return dict(sorted(required.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("patch-setup")
     p.add_argument("setup_py", type=Path)
     p.add_argument("sm", help="compute capability without the dot, e.g. 90")
+    p = sub.add_parser("imports")
+    p.add_argument("source", type=Path, help="an unpacked sdist, e.g. mamba_ssm-2.3.2.post1/")
+    p.add_argument("modules", nargs="+", help="dotted module names, e.g. mamba_ssm")
     args = parser.parse_args(argv)
     if args.command == "reqs":
         sections = read_requirements()
@@ -190,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(str(p) for p in select(args.folder, read_requirements())))
     elif args.command == "patch-setup":
         patch_setup(args.setup_py, args.sm)
+    elif args.command == "imports":
+        for name, needed in third_party_imports(args.source, args.modules).items():
+            print(f"{name}\t{'required' if needed else 'optional (try/except ImportError)'}")
     return 0
 
 

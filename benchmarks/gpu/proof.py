@@ -95,6 +95,7 @@ def describe(step: str, rows: list[dict]) -> str:
             continue
         label = f"{r.get('shape', '')} {r.get('mixer')} {r.get('impl')} b{r.get('micro_batch')}".strip()
         extra = f" ({r['vs_mamba_ssm']:.2f}x mamba-ssm)" if r.get("vs_mamba_ssm") else ""
+        extra += f" ({r['vs_kernels']:.2f}x the kernel path)" if r.get("vs_kernels") else ""
         parts.append(f"{label}: {num(r.get('tokens_per_s'))} tok/s{extra}")
     return "; ".join(parts)
 
@@ -123,6 +124,11 @@ def comparisons(latest: dict[str, dict]) -> list[str]:
             compile_s = f"; first step (compilation) {r['compile_s']:.0f} s" if r.get("compile_s") else ""
             out.append(f"torch path, {r['impl']}, {r['mixer']} {r['shape']} micro batch {r['micro_batch']}: "
                        f"{r['tokens_per_s']:,.0f} tok/s = {r['tokens_per_s'] / ref:.2f}x {what}{compile_s}")
+    for r in bench:  # model_gpu.py's Mamba-3 torch-path row, against its kernel row (mamba-ssm >= 2.3.2)
+        ref, what = reference(r["mixer"], r["micro_batch"])
+        if r.get("vs_kernels") and ref and r.get("tokens_per_s"):
+            out.append(f"torch path, eager, {r['mixer']} {r['shape']} micro batch {r['micro_batch']} (model_gpu.py): "
+                       f"{r['tokens_per_s']:,.0f} tok/s = {r['tokens_per_s'] / ref:.2f}x {what}")
     for r in latest.get("composer_130m", {}).get("rows", []):
         ref, what = reference("mamba1", r.get("micro_batch"))
         if ref and r.get("tokens_per_s"):

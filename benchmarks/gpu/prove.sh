@@ -20,13 +20,14 @@
 #                      create_mamba_config.py plans for this GPU (1 GPU, FSDP2, bf16, its micro batch)
 #   torch_eager 90     torch path (model.kernels=torch), Mamba-1/2 130m, and the kernels if built
 #   torch_compile 150  the same under torch.compile; these two run while the kernels compile
-#   kernels_cold 240   pytest tests/model/test_kernels.py with an empty Triton cache
-#   bench_130m 120     benchmarks/model_gpu.py 130m (ours vs mamba-ssm), then mamba1 at the planner's
-#                      micro batch (the Composer run's)
+#   kernels_cold 240   pytest tests/model/test_kernels*.py with an empty Triton cache (MIMO: skips without tilelang)
+#   bench_130m 180     benchmarks/model_gpu.py 130m (ours vs mamba-ssm), then mamba1 at the planner's
+#                      micro batch (the Composer run's), then Mamba-3 (our kernel path, mamba-ssm
+#                      2.3.2.post1's Triton kernel, vs our torch path)
 #   composer_130m 150  composer -n 1 mamba/train.py on the prepared config, 20 steps: steady
 #                      tokens/s and peak memory vs the planner's estimate
 #   kernels_warm 120   the kernel tests again, Triton's cache filled: cold - warm = compile time
-#   bench_370m 150, bench_1_4b 180   model_gpu.py at those shapes (1.4b at micro batch 4)
+#   bench_370m 150, bench_1_4b 180   model_gpu.py, Mamba-1/2 at those shapes (1.4b at micro batch 4)
 # The kernel steps first wait for the build (box PROVE_BOX_BUILD=420 s from its start) and are
 # skipped, saying why, when it failed. Each step appends a line to OUT_DIR/results.json and
 # rewrites OUT_DIR/results.md as it ends, and OUT_DIR/logs.tgz holds every log, so a run stopped
@@ -44,7 +45,7 @@ GPU_STEPS="$KERNEL_STEPS torch_eager torch_compile "
 
 box_default() {  # seconds; each is a few times what the step should take on an H100/H200
   case "$1" in
-    torch_eager) echo 90 ;; torch_compile|composer_130m|bench_370m) echo 150 ;; bench_1_4b) echo 180 ;;
+    torch_eager) echo 90 ;; torch_compile|composer_130m|bench_370m) echo 150 ;; bench_1_4b|bench_130m) echo 180 ;;
     kernels_cold) echo 240 ;; build) echo 420 ;; *) echo 120 ;;
   esac
 }
@@ -113,7 +114,7 @@ step_torch_compile() {
 run_kernel_tests() {  # pytest-timeout (on the GPU image) fails one stuck test instead of the box
   local per_test=()
   "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout "${PROVE_TEST_TIMEOUT:-150}")
-  PROOF_PYTEST_ROWS="$ROWS" "$PY" -m pytest tests/model/test_kernels.py -p proof -p no:cacheprovider -v -rA "${per_test[@]}"
+  PROOF_PYTEST_ROWS="$ROWS" "$PY" -m pytest tests/model/test_kernels.py tests/model/test_kernels_mamba3_mimo.py -p proof -p no:cacheprovider -v -rA "${per_test[@]}"
 }
 step_kernels_cold() { rm -rf "$TRITON_CACHE_DIR"; run_kernel_tests; }
 step_kernels_warm() { run_kernel_tests; }
@@ -124,12 +125,16 @@ bench() {
 }
 step_bench_130m() {
   local rc=0
-  bench --shapes 130m || rc=$?
-  [ "$REHEARSE" = 1 ] || bench --shapes 130m --layers mamba1 --micro-batch "$(planned_micro_batch)" || rc=$?
+  [ "$REHEARSE" = 1 ] && { bench; return; }
+  bench --shapes 130m --layers mamba1 mamba2 || rc=$?
+  bench --shapes 130m --layers mamba1 --micro-batch "$(planned_micro_batch)" || rc=$?
+  # Mamba-3 last: its kernel compiles (and autotunes) for these shapes first, and a box cut there
+  # keeps the rows above, which the Composer comparison needs.
+  bench --shapes 130m --layers mamba3 || rc=$?
   return $rc
 }
-step_bench_370m() { bench --shapes 370m; }
-step_bench_1_4b() { bench --shapes 1.4b --micro-batch 4; }
+step_bench_370m() { bench --shapes 370m --layers mamba1 mamba2; }  # boxes sized for two mixers
+step_bench_1_4b() { bench --shapes 1.4b --layers mamba1 mamba2 --micro-batch 4; }
 
 step_composer_130m() {
   local d=$WORK/composer rc=0
@@ -165,8 +170,13 @@ build_kernels() {
     echo "$(basename "$f" .rc): exit $(cat "$f")"; [ "$(cat "$f")" = 0 ] || rc=1
   done
   [ $rc = 0 ] || { tail -n 20 "$LOGS"/build-*.log; return 1; }
-  "$PY" -m pip install --no-index --no-deps --no-compile --target "$SITE" "$b"/wheels/*.whl || return 1
-  "$PY" -c 'from mamba.model.ops.kernels import cuda_kernels_available as f; ok, why = f(); print("kernels:", ok, why); raise SystemExit(0 if ok else 1)'
+  # --upgrade: replaces an earlier build in SITE (pip --target otherwise keeps it and only warns).
+  "$PY" -m pip install --no-index --no-deps --no-compile --upgrade --target "$SITE" "$b"/wheels/*.whl || return 1
+  # Mamba-1/2's kernels decide the build; Mamba-3's (mamba-ssm >= 2.3.2, Triton) is reported: where
+  # it does not import, its kernel tests and bench rows skip with this reason.
+  "$PY" -c 'from mamba.model.ops.kernels import cuda_kernels_available as f
+ok, why = f(); print("kernels:", ok, why); print("mamba3 kernel:", *f("mamba3"))
+raise SystemExit(0 if ok else 1)'
 }
 
 # --- the driver -------------------------------------------------------------------------------------
@@ -215,7 +225,9 @@ start_build() {  # BUILD: started | present | skipped:<why>
   local b=$WORK/build
   mkdir -p "$b"
   if [ "$REHEARSE" = 1 ] || [ "$HAVE_GPU" != 1 ]; then BUILD="skipped:no GPU"; return; fi
-  if "$PY" -c 'from mamba.model.ops.kernels import cuda_kernels_available as f; raise SystemExit(0 if f()[0] else 1)' 2>/dev/null; then
+  # Present: Mamba-1/2's kernels and Mamba-3's, so an older mamba-ssm there (2.3.1) is built over.
+  if "$PY" -c 'from mamba.model.ops.kernels import cuda_kernels_available as f
+raise SystemExit(0 if f()[0] and f("mamba3")[0] else 1)' 2>/dev/null; then
     BUILD=present; return
   fi
   if [ -z "$WHEELS" ] || ! ls "$WHEELS"/mamba_ssm-*.tar.gz "$WHEELS"/causal_conv1d-*.tar.gz >/dev/null 2>&1; then
@@ -281,7 +293,7 @@ while [ $# -gt 0 ]; do
     --work) WORK=$2; shift 2 ;;
     --python) PY=$2; shift 2 ;;
     --rehearse) REHEARSE=1; shift ;;
-    -h|--help) sed -n '2,33p' "$SELF"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$SELF"; exit 0 ;;
     -*) echo "prove.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) OUT=$1; shift ;;
   esac

@@ -92,7 +92,6 @@ def main() -> None:
     on_gpu = device.type == "cuda"
     name = torch.cuda.get_device_name() if on_gpu else "cpu"
     peak = gpu_peak_flops(name, "amp_bf16") if on_gpu else None
-    kernels_ok, why = cuda_kernels_available()
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model_gpu.VOCAB, (args.micro_batch, args.seq + 1), generator=generator).to(device)
     inputs, labels = ids[:, :-1], ids[:, 1:]
@@ -110,6 +109,7 @@ def main() -> None:
 
     for layer in args.layers:
         for mode in args.modes:
+            kernels_ok, why = cuda_kernels_available(model_gpu.FAMILY[layer])  # Mamba-3: mamba-ssm >= 2.3.2
             if mode == "kernels" and not (kernels_ok and on_gpu):
                 reason = why or "no GPU"
                 print(f"| {layer} | kernels | skipped: {reason} | | | |", flush=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -156,7 +157,10 @@ def test_the_table_compares_the_steps_measurements(tmp_path):
     import proof
 
     bench = [{"shape": "130m", "mixer": m, "impl": "ours, documents", "micro_batch": b, "tokens_per_s": t, "kernels": True}
-             for m, b, t in [("mamba1", 8, 400_000.0), ("mamba2", 8, 500_000.0), ("mamba1", 32, 450_000.0)]]
+             for m, b, t in [("mamba1", 8, 400_000.0), ("mamba2", 8, 500_000.0), ("mamba1", 32, 450_000.0),
+                             ("mamba3", 8, 300_000.0)]]
+    bench.append({"shape": "130m", "mixer": "mamba3", "impl": "ours, documents, torch path", "micro_batch": 8,
+                  "tokens_per_s": 60_000.0, "kernels": False, "vs_kernels": 0.2})  # model_gpu.py's Mamba-3 pair
     eager = [{"shape": "130m", "mixer": "mamba1", "impl": "eager", "micro_batch": 8, "tokens_per_s": 100_000.0},
              {"shape": "130m", "mixer": "mamba2", "impl": "kernels", "micro_batch": 8, "skipped": "still building"}]
     compiled = [{"shape": "130m", "mixer": "mamba2", "impl": "compile", "micro_batch": 8, "tokens_per_s": 250_000.0,
@@ -175,6 +179,7 @@ def test_the_table_compares_the_steps_measurements(tmp_path):
     assert "1 failed, 1 passed in 8 s; slowest a 5 s" in table
     assert "torch path, eager, mamba1 130m micro batch 8: 100,000 tok/s = 0.25x the kernels' 400,000 tok/s" in table
     assert "0.50x the kernels' 500,000 tok/s; first step (compilation) 61 s" in table
+    assert "eager, mamba3 130m micro batch 8 (model_gpu.py): 60,000 tok/s = 0.20x the kernels' 300,000 tok/s" in table
     assert "405,000 tok/s = 0.90x the bare loop, the kernels' 450,000 tok/s" in table
     assert "peak memory 60.0 GB (torch.cuda.max_memory_allocated) = 0.88x the planner's 68.3 GB" in table
     assert "80 s with an empty Triton cache, 8 s with it filled; the difference, 72 s" in table
@@ -219,7 +224,8 @@ def test_the_wheels_chosen_for_this_python_fill_only_its_gaps(tmp_path):
     sections = bundle.read_requirements()
     for name, version in sections["always"] + sections["if-missing"]:
         (tmp_path / f"{name.replace('-', '_')}-{version}-py3-none-any.whl").write_bytes(b"")
-    (tmp_path / "mamba_ssm-2.3.1.tar.gz").write_bytes(b"")
+    for name, version in sections["sdist"]:
+        (tmp_path / f"{name.replace('-', '_')}-{version}.tar.gz").write_bytes(b"")
     chosen = {bundle.dist_of(p.name)[0] for p in bundle.select(tmp_path, sections)}
     always = {bundle.normalize(n) for n, _ in sections["always"]}
     missing = {bundle.normalize(n) for n, _ in sections["if-missing"] if not bundle.installed(n)}
@@ -227,7 +233,7 @@ def test_the_wheels_chosen_for_this_python_fill_only_its_gaps(tmp_path):
     assert "tabulate" not in chosen and "mamba-ssm" not in chosen  # installed here; a source, built there
 
 
-SETUP_2_3_1 = """
+SETUP_EXCERPT = """
 if not SKIP_CUDA_BUILD:
     cc_flag = []
     if HIP_BUILD:
@@ -246,11 +252,11 @@ if not SKIP_CUDA_BUILD:
 
 
 def test_the_setup_patch_leaves_one_cuda_arch(tmp_path):
-    """The shape of mamba-ssm 2.3.1's and causal-conv1d 1.5.3's setup.py around their arch list
-    (the real files are patched in the bundle test): after the patch, the list is sm_90 alone
+    """The shape of mamba-ssm's and causal-conv1d's setup.py around their arch list (the real
+    files of the pinned sdists are patched in the bundle test): after the patch, the list is sm_90 alone
     whatever branch ran; patching twice changes nothing; without the anchor it refuses."""
     setup = tmp_path / "setup.py"
-    setup.write_text(SETUP_2_3_1)
+    setup.write_text(SETUP_EXCERPT)
     bundle.patch_setup(setup, "90")
     patched = setup.read_text()
     bundle.patch_setup(setup, "90")
@@ -261,6 +267,25 @@ def test_the_setup_patch_leaves_one_cuda_arch(tmp_path):
     setup.write_text("cc_flag = []\n")
     with pytest.raises(SystemExit, match="no cc_flag list before a '# HACK' line"):
         bundle.patch_setup(setup, "90")
+
+
+def test_the_static_import_walk_agrees_with_python(tmp_path):
+    """bundle.third_party_imports (read, not imported: sdists of GPU code) against the interpreter:
+    what it calls required, a real import loads, and demands; what it calls optional, it does not."""
+    loaded = subprocess.run([sys.executable, "-c", "import sys, mamba.model; print(*sys.modules)"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    found = bundle.third_party_imports(REPO, ["mamba.model"])
+    assert "torch" in found and {n for n, needed in found.items() if needed} <= {m.split(".")[0] for m in loaded}
+    src = tmp_path / "src"
+    (src / "pkg").mkdir(parents=True)
+    (src / "pkg/__init__.py").write_text("try:\n    import gone_a\nexcept ImportError:\n    pass\nfrom . import core\n")
+    (src / "pkg/core.py").write_text("import gone_b\n\ndef later():\n    import gone_c\n")
+    found = bundle.third_party_imports(src, ["pkg"])
+    run, env = [sys.executable, "-c", "import pkg"], {**os.environ, "PYTHONPATH": str(src)}
+    demanded = re.search(r"named '(\w+)'", subprocess.run(run, env=env, capture_output=True, text=True).stderr)[1]
+    assert {n for n, needed in found.items() if needed} == {demanded} and set(found) == {demanded, "gone_a"}
+    (src / f"{demanded}.py").write_text("")  # provided: now the import must succeed
+    subprocess.run(run, env=env, check=True)
 
 
 # --- the bundle ------------------------------------------------------------------------------------
@@ -294,13 +319,24 @@ def test_the_bundle_fits_and_its_manifest_matches_its_files(wheelhouse, tmp_path
         assert (folder / name).stat().st_size == int(size) and bundle.sha256(folder / name) == digest
     total = sum(int(size) for _, size, _ in rows)
     assert total <= 60 * 2**20 and f"{len(rows)} files, {total / 2**20:.2f} MiB" in printed
-    assert bundle.check_complete(folder, bundle.read_requirements()) == []
-    assert {"mamba_ssm-2.3.1.tar.gz", "causal_conv1d-1.5.3.post1.tar.gz"} <= files
-    for sdist in ("mamba_ssm-2.3.1", "causal_conv1d-1.5.3.post1"):  # the real setup.py takes the patch
+    sections = bundle.read_requirements()
+    assert bundle.check_complete(folder, sections) == []
+    sdists = {name: f"{name.replace('-', '_')}-{version}" for name, version in sections["sdist"]}
+    assert {f"{s}.tar.gz" for s in sdists.values()} <= files
+    for sdist in sdists.values():  # the real setup.py takes the patch
         subprocess.run(["tar", "xzf", str(folder / f"{sdist}.tar.gz"), "-C", str(tmp_path)], check=True)
         bundle.patch_setup(tmp_path / sdist / "setup.py", "90")
         text = (tmp_path / sdist / "setup.py").read_text()
         assert text.index('cc_flag = ["-gencode", "arch=compute_90,code=sm_90"]') < text.index("# HACK")
+    # What the pinned mamba-ssm and its Mamba-3 kernel import unguarded is there despite --no-deps.
+    source, kernel = tmp_path / sdists["mamba-ssm"], "mamba_ssm.ops.triton.mamba3.mamba3_siso_"
+    found = bundle.third_party_imports(source, ["mamba_ssm", kernel + "combined", kernel + "step"])
+    required = {bundle.normalize(name) for name, needed in found.items() if needed}
+    provided = {bundle.normalize(n) for pins in sections.values() for n, _ in pins} | {"torch", "triton", "numpy"}
+    setup_py = (source / "setup.py").read_text()
+    provided |= {bundle.normalize(n) for n in re.findall(r'CUDAExtension\(\s*name="(\w+)"', setup_py)}
+    assert {"torch", "triton", "einops", "selective-scan-cuda"} <= required <= provided, required - provided
+    assert found.get("tilelang") is False and found.get("quack") is False  # MIMO, CuTe step: optional
 
 
 def top_level(dist: metadata.Distribution) -> set[str]:

@@ -5,7 +5,8 @@
         --data /lustre/web:3 --data /lustre/code:1 --scheduler wsd --out big.yaml
 
 From the preset (or --d-model/--n-layer/--ssm-layer; --attn-every K or --attn-layers i,j for a
-hybrid with attention layers, shaped as mamba2attn's unless the preset has its own), the hardware (--nodes, --gpus-per-node,
+hybrid with attention layers, shaped as mamba2attn's unless the preset has its own; --mimo-rank R
+for Mamba-3's MIMO form), the hardware (--nodes, --gpus-per-node,
 --gpu or --gpu-memory; --gpus-per-node 0 means CPU ranks) and the budget (--tokens or
 --tokens-per-param), mamba/config/planner.py derives the micro batch from its memory model,
 gradient accumulation, max duration, warmup, checkpoint interval and activation checkpointing,
@@ -85,6 +86,8 @@ def model_section(args: argparse.Namespace, data_vocab: int) -> dict:
             f"pack with the preset's tokenizer or give --vocab-size {data_vocab}")
     if args.attn_every is not None or args.attn_layers is not None:
         shape.update(hybrid_section(args, shape))
+    if args.mimo_rank is not None:
+        shape.update(mimo_section(args))
     shape["vocab_size"] = shape["vocab_size"] or data_vocab or None
     if shape["vocab_size"] is None:
         if not overrides_of(args.overrides, "model.vocab_size", "model"):
@@ -112,6 +115,33 @@ def hybrid_section(args: argparse.Namespace, shape: dict) -> dict:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return {"attn_layer_idx": layers, "attn_cfg": shape.get("attn_cfg") or attention_shape(shape["d_model"])}
+
+
+# mamba-ssm's MIMO kernel wants blocks of about 64 rows: chunk_size 64 / R (its mamba3_mimo
+# docstring; a larger Q R over-allocates shared memory), and it asserts chunk_size >= 8.
+MIMO_ROWS, MIMO_MIN_CHUNK = 64, 8
+
+
+def mimo_section(args: argparse.Namespace) -> dict:
+    """--mimo-rank R: Mamba-3's MIMO form of rank R, and its chunk of 64 / R tokens unless a
+    model.chunk_size override sets one (the override is applied last either way)."""
+    if args.mimo_rank < 1:
+        raise ConfigError(f"--mimo-rank {args.mimo_rank}: give a rank >= 1 (mamba-ssm's MIMO kernel is tested at "
+                          "1, 2, 4 and 8)")
+    keys = {"is_mimo": True, "mimo_rank": args.mimo_rank}
+    if not overrides_of(args.overrides, "model.chunk_size"):
+        keys["chunk_size"] = max(MIMO_MIN_CHUNK, MIMO_ROWS // args.mimo_rank)
+    return keys
+
+
+def mimo_note(cfg, args: argparse.Namespace) -> str:
+    """What --mimo-rank chose and why: a line of the printed plan, and a comment atop the file."""
+    r, q = cfg.model.mimo_rank, cfg.model.chunk_size
+    recommended = max(MIMO_MIN_CHUNK, MIMO_ROWS // r)
+    why = ("64 / R, at least 8: mamba-ssm's recommendation for its MIMO kernel"
+           if not overrides_of(args.overrides, "model.chunk_size") else
+           f"as overridden; mamba-ssm recommends {recommended} (64 / R, at least 8) for its MIMO kernel")
+    return f"--mimo-rank {r}: model.is_mimo=true, model.mimo_rank={r}, model.chunk_size={q} ({why})"
 
 
 def flops_of(cfg) -> int:
@@ -152,6 +182,12 @@ def build(args: argparse.Namespace) -> tuple[TrainConfig, str, list[str]]:
          "data": {**data, "eval_sources": evals, "seq_len": args.seq_len or SEQ_LEN.get(name, 2048)},
          "trainer": {"device": "cpu" if cpu else "gpu", "precision": "fp32" if cpu else "amp_bf16"}},
     )
+    if args.mimo_rank is not None:  # before load_config, whose own refusal does not name the flag
+        layer = OmegaConf.merge(recipe, OmegaConf.from_dotlist(overrides_of(args.overrides, "model.ssm_layer")))
+        if layer.model.ssm_layer != "mamba3":
+            raise ConfigError(f"--mimo-rank {args.mimo_rank}: MIMO is a form of the Mamba-3 layer, but the model's "
+                              f"layer is {layer.model.ssm_layer}; add --ssm-layer mamba3 (or a mamba3 preset), or "
+                              "drop --mimo-rank")
     # The plan is derived from the model, the data and the precision as the overrides leave them
     # (keys that share no rule with the derived ones, so they validate before those exist).
     base = load_config(recipe, overrides_of(args.overrides, "model", "data", "trainer.precision",
@@ -198,6 +234,8 @@ def build(args: argparse.Namespace) -> tuple[TrainConfig, str, list[str]]:
     if not sources and cfg.data.sources == TrainConfig().data.sources:
         lines.append(f"data         none given: data.sources is the placeholder {cfg.data.sources[0]['path']}; "
                      f"set it in the file or at launch: 'data.sources=[{{path: DIR}}]'")
+    if args.mimo_rank is not None:
+        lines.append(f"mimo         {mimo_note(cfg, args)}")
     if args.overrides:
         lines.append(f"overrides    {' '.join(args.overrides)} (applied last; the lines above include them)")
     warnings = planner.warnings(shown, cfg, size, mem, rank_label=rank_label, budget=budget, data_tokens=data_tokens)
@@ -219,7 +257,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(MODEL_PRESETS), help="model shape (or --d-model/--n-layer)")
     p.add_argument("--d-model", type=int)
     p.add_argument("--n-layer", type=int)
-    p.add_argument("--ssm-layer", help="mamba1 or mamba2 (default: the schema's)")
+    p.add_argument("--ssm-layer", help="mamba1, mamba2 or mamba3 (default: the schema's)")
+    p.add_argument("--mimo-rank", type=int, metavar="R",
+                   help="Mamba-3 only: the MIMO form of rank R (model.is_mimo, model.mimo_rank) with chunk_size "
+                        "64 / R (at least 8), mamba-ssm's recommendation, unless model.chunk_size=... is given")
     p.add_argument("--vocab-size", type=int, help="tokenizer vocabulary (default: the preset's, else the data's)")
     p.add_argument("--attn-every", type=int, nargs="?", const=0, metavar="K",
                    help=f"hybrid: one attention layer in every K (without K: {ATTN_EVERY}, or n_layer when "
@@ -257,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
                               f"e.g. {args.out / 'config.yaml'}")
         header = "written by: python create_mamba_config.py " + " ".join(argv if argv is not None else sys.argv[1:])
         cfg, text, warnings = build(args)
+        if args.mimo_rank is not None:  # the file says why its chunk_size is what it is
+            header += "\n# " + mimo_note(cfg, args)
         write(cfg, args.out, header)
     except ConfigError as err:
         sys.exit(f"create_mamba_config.py: {err}")

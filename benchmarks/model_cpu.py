@@ -19,7 +19,8 @@ for four workloads, each with identical weights in every implementation:
           Mamba-1 with extra dt/B/C norms and its MLPs mixtures of experts, no exact weight map.
   layers  ours only, the whole LM (d_model 256, 4 layers, vocab 8192) with each mixer at
           mamba-ssm's defaults: mamba1 (d_state 16), mamba2 (d_state 128, heads of 64, chunk 256),
-          mamba3 (SISO: d_state 128, heads of 64, chunk 64), windows of 4 documents
+          mamba3 (SISO: d_state 128, heads of 64, chunk 64), mamba3-mimo (the same with MIMO rank 4,
+          chunk 16 = 64 / R as mamba-ssm advises), windows of 4 documents
 and, for mixers and model, four implementations:
   ours       mamba.model (ops/selective_scan.py, chunked scan)
   hf-slow    transformers MambaForCausalLM / MambaMixer on CPU: its default slow_forward
@@ -68,10 +69,12 @@ def build(use_mambapy: bool | None):
 def build_layer(kind: str) -> MambaLMHeadModel:
     """Our LM of the benchmark's width with `kind` mixers at mamba-ssm's default shapes."""
     torch.manual_seed(0)
-    shape = {"mamba1": {}, "mamba2": dict(d_state=128, headdim=64, chunk_size=256),
-             "mamba3": dict(d_state=128, headdim=64, chunk_size=64)}[kind]
-    return MambaLMHeadModel(MambaConfig(d_model=D_MODEL, n_layer=N_LAYER, vocab_size=VOCAB, ssm_layer=kind,
-                                        kernels="torch", **shape))
+    shape = {"mamba1": dict(ssm_layer="mamba1"),
+             "mamba2": dict(ssm_layer="mamba2", d_state=128, headdim=64, chunk_size=256),
+             "mamba3": dict(ssm_layer="mamba3", d_state=128, headdim=64, chunk_size=64),
+             "mamba3-mimo": dict(ssm_layer="mamba3", d_state=128, headdim=64, chunk_size=16, is_mimo=True,
+                                 mimo_rank=4)}[kind]
+    return MambaLMHeadModel(MambaConfig(d_model=D_MODEL, n_layer=N_LAYER, vocab_size=VOCAB, kernels="torch", **shape))
 
 
 def build_hybrid():
@@ -171,7 +174,7 @@ def main():
     ours, hf_slow = build(use_mambapy=False if mamba1 else None)
     _, hf_py = build(use_mambapy=True) if mamba1 else (None, None)
     hybrid, bamba = build_hybrid() if "hybrid" in args.workloads else (None, None)
-    layer_models = {f"ours-{k}": build_layer(k) for k in ("mamba1", "mamba2", "mamba3")} \
+    layer_models = {f"ours-{k}": build_layer(k) for k in ("mamba1", "mamba2", "mamba3", "mamba3-mimo")} \
         if "layers" in args.workloads else {}
     for m in (ours, hf_slow, hf_py, hybrid, bamba, *layer_models.values()):
         if m is not None:
@@ -182,7 +185,7 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32; "
           f"matmul 1024^3: {peak:.1f} GFLOP/s")
     mix_m, mix_o = mamba1_layer_flops(ours.config)
-    header = f"{'workload':8} {'seq':>5} {'impl':11} {'tok/s':>9} {'ours/x':>7} {'GFLOP/s':>8} {'% matmul':>8}"
+    header = f"{'workload':8} {'seq':>5} {'impl':18} {'tok/s':>9} {'ours/x':>7} {'GFLOP/s':>8} {'% matmul':>8}"
     print(header + "\n" + "-" * len(header))
     for seq in args.seqs:
         g = torch.Generator().manual_seed(seq)
@@ -218,7 +221,7 @@ def main():
                 if workload == "layers":
                     flops = flops_per_token(layer_models[impl].config, seq) * tokens
                 gf = flops / s / 1e9
-                print(f"{workload:8} {seq:>5} {impl:11} {tokens / s:>9.0f} {ratio:>7.1f} {gf:>8.2f} {100 * gf / peak:>7.1f}%", flush=True)
+                print(f"{workload:8} {seq:>5} {impl:18} {tokens / s:>9.0f} {ratio:>7.1f} {gf:>8.2f} {100 * gf / peak:>7.1f}%", flush=True)
 
 
 if __name__ == "__main__":

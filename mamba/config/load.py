@@ -187,6 +187,9 @@ def validate(cfg: TrainConfig) -> None:
                  f"model.ngroups={m.ngroups} must divide the number of heads {d_inner // max(m.headdim, 1)}")
     if m.ssm_layer == "mamba3":
         _validate_mamba3(m)
+    else:
+        _require(not m.is_mimo, f"model.is_mimo=true is Mamba-3's MIMO form; set model.ssm_layer=mamba3 "
+                                f"(it is {m.ssm_layer}) or model.is_mimo=false")
     _validate_hybrid(m)
     _require(
         0 < m.vocab_size <= layout.MAX_VOCAB_SIZE,

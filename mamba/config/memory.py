@@ -9,8 +9,8 @@ Memory model, bytes per rank (P = parameters, S = ranks the parameters are shard
 batch in windows, L = seq_len, l = n_layer, d = d_model, E = d_inner, V = padded vocab,
 W = the per-token width of the scan's inputs dt, B and C: Mamba-1's x_proj output R + 2N with
 R = dt_rank and N = d_state; Mamba-2's in_proj outputs beyond x and z, H + 2GN; Mamba-3's,
-2GN + 3H + S (B, C, dt, A, trap and S rotary angles); c = bytes of the
-compute dtype: 2 under amp_bf16, 4 in fp32; g = bytes of a gathered parameter: 2 with bf16
+2GN + 3H + S (B, C, dt, A, trap and S rotary angles; with MIMO 2 mimo_rank GN for its B's and C's);
+c = bytes of the compute dtype: 2 under amp_bf16, 4 in fp32; g = bytes of a gathered parameter: 2 with bf16
 all-gathers (amp_bf16 and fsdp.mixed_precision=DEFAULT), else 4):
 
     states       16 P / S     fp32 parameters (they are AdamW's master weights: Composer's
@@ -55,7 +55,9 @@ all-gathers (amp_bf16 and fsdp.mixed_precision=DEFAULT), else 4):
             + 2 * (4GN + 4G + 4GN + 2GN)   B_norm, C_norm (torch RMSNorm): fp32 input, rstd,
                                   normed product, and the bf16 result the kernel keeps as K, Q
             + 6 * 4H              fp32 dd_A, -softplus(dd_A), A, dd_dt + dt_bias, dt, A dt
-            + 2 * 2HS             the angles per head (bf16) and their cumulative sum
+            + 2 * 4HS             the angles per head and their cumulative sum, fp32 (mamba3.py
+                                  and mamba-ssm's Mamba3.forward hand the kernel fp32 angles;
+                                  angle_dt_fwd's sum is empty_like them)
             + 2 * 2E              the kernel's output (out_proj's input) and its pre-gate output
             + 2 * 2HN + 4 * 4H    rotated C and scaled B per head (bf16); fp32 cumulative decay,
                                   qk dot, scale and gamma per head
@@ -66,7 +68,30 @@ all-gathers (amp_bf16 and fsdp.mixed_precision=DEFAULT), else 4):
 
     dt is counted in fp32, as mamba-ssm keeps dt_bias; with bf16 all-gathers (dt_bias bf16)
     dd_dt + dt_bias and dt are bf16, 4H fewer bytes. Document starts add one chunk state per
-    document (cu_seqlens), not counted. Checked against a stand-in saving exactly those tensors.
+    document (cu_seqlens), not counted.
+
+    A Mamba-3 MIMO block (is_mimo, rank R) on mamba-ssm 2.3.2's TileLang kernel (kernel family
+    "mamba3-mimo": where tilelang imports) is counted the same way: `_Mamba3Function.forward`
+    (ops/tilelang/mamba3/mamba3_mimo.py) makes every input contiguous and saves Q, K, V, ADT, DT,
+    Trap, Angles and its Angles_Cumsum (angle_dt_fwd), D, Z and the parameters; its forward kernel
+    (mamba_mimo_forward) keeps nothing else: backward recomputes the decay sums and chunk states.
+    Only B and C carry the rank (per token (R, G, N)); x, z and the decays are per head:
+
+    block = 4d + 2d               fp32 residual, normed input (in_proj's output is not kept: the
+                                  kernel saves its own copies of the views x, z and trap)
+            + 2R * (4GN + 4G + 4GN + 2GN)   B_norm, C_norm as above, for each of the R ranks
+            + 7 * 4H + 2H         fp32 dd_A, -softplus(dd_A), A, dd_dt + dt_bias, dt, and the
+                                  kernel's contiguous (b, H, L) copies of A dt and dt; of trap (bf16)
+            + 2 * 4HS             the fp32 angles per head and their cumulative sum
+            + 3 * 2E              the kernel's copies of x (V) and z (Z), and its output
+                                  (out_proj's input)
+            [with is_outproj_norm: + 2 W3 - 2E + R (22E + 4H): z reaches the kernel no more (-2E)
+                                  but the torch gate z * mimo_z keeps in_proj's whole output
+                                  (W3 = 2E + 2RGN + 3H + S), and the RMSNormGated terms above run
+                                  on each rank's output, the fp32 gate z * mimo_z in place of z's copy]
+
+    Checked (tests/launch/test_create_config_mimo.py) against the tensors autograd saves for a
+    mixer whose kernel is a stand-in saving exactly what `_Mamba3Function.forward` saves.
     An attention block of a hybrid (flash-attn's kernel, which keeps one fp32
     log-sum-exp per query and head and recomputes the scores; h heads, h_kv KV heads, D head_dim,
     Q = (h + 2 h_kv) D):
@@ -127,6 +152,7 @@ class ModelSize:
     rope_angles: int = 0  # S
     chunk: int = 0       # Q
     outproj_norm: bool = False
+    mimo_rank: int = 0   # R of a Mamba-3 MIMO mixer (is_mimo; 0: SISO)
     attn_qkv: int = 0    # Q = (h + 2 h_kv) D, the attention layers' in_proj width
     attn_qk: int = 0     # (h + h_kv) D: q and k, rotated by RoPE
     attn_heads: int = 0  # h
@@ -155,7 +181,7 @@ def measure_model(model_cfg) -> ModelSize:
         if model_cfg.ssm_layer == "mamba3":
             mamba3 = dict(ssm_heads=mamba.nheads, state_size=mamba.d_state, bc_groups=mamba.ngroups,
                           rope_angles=mamba.num_rope_angles, chunk=mamba.chunk_size,
-                          outproj_norm=mamba.is_outproj_norm)
+                          outproj_norm=mamba.is_outproj_norm, mimo_rank=mamba.mimo_rank if mamba.is_mimo else 0)
     attn_dims = {}
     if attn is not None:
         attn_dims = dict(attn_qkv=attn.in_proj.out_features, attn_qk=attn.q_dim + attn.kv_dim,
@@ -177,7 +203,7 @@ def block_activation_bytes(size: ModelSize, kind: str = "mamba") -> int:
     fused kernels, its MLP included (module docstring)."""
     d, e = size.d_model, size.d_inner
     if kind == "mamba" and size.ssm_layer == "mamba3":
-        mixer = mamba3_block_bytes(size)
+        mixer = mamba3_mimo_block_bytes(size) if size.mimo_rank else mamba3_block_bytes(size)
     elif kind == "mamba":
         mixer = 4 * d + 2 * d + 2 * 2 * e + 2 * e + 2 * e + 2 * size.scan_inputs + 4 * e + 2 * e + 2 * e
     else:
@@ -193,8 +219,19 @@ def mamba3_block_bytes(size: ModelSize) -> int:
     d, e, h, n, g, s = size.d_model, size.d_inner, size.ssm_heads, size.state_size, size.bc_groups, size.rope_angles
     in_proj = 2 * e + size.scan_inputs  # W3
     total = (4 * d + 2 * d + 2 * in_proj + 2 * (4 * g * n + 4 * g + 4 * g * n + 2 * g * n) + 6 * 4 * h
-             + 2 * 2 * h * s + 2 * 2 * e + 2 * 2 * h * n + 4 * 4 * h + -(-(2 * e * n + 4 * h) // size.chunk))
+             + 2 * 4 * h * s + 2 * 2 * e + 2 * 2 * h * n + 4 * 4 * h + -(-(2 * e * n + 4 * h) // size.chunk))
     return total + (22 * e + 4 * h if size.outproj_norm else 0)
+
+
+def mamba3_mimo_block_bytes(size: ModelSize) -> int:
+    """A Mamba-3 MIMO block's bytes per token on mamba-ssm's TileLang kernel, without MLP (module
+    docstring): what its autograd Function saves, plus autograd's saves for the torch ops around it."""
+    d, e, h, n, g, s = size.d_model, size.d_inner, size.ssm_heads, size.state_size, size.bc_groups, size.rope_angles
+    r = size.mimo_rank
+    total = (4 * d + 2 * d + 2 * r * (4 * g * n + 4 * g + 4 * g * n + 2 * g * n) + 7 * 4 * h + 2 * h
+             + 2 * 4 * h * s + 3 * 2 * e)
+    in_proj = 2 * e + size.scan_inputs  # W3, with R B's and C's
+    return total + (2 * in_proj - 2 * e + r * (22 * e + 4 * h) if size.outproj_norm else 0)
 
 
 def torch_block_bytes(model_cfg, seq_len: int, amp: bool, gathered: int, kind: str = "mamba") -> int:
@@ -248,13 +285,20 @@ class MemoryModel:
     path: str            # which count `block` is and why: printed with the plan
 
 
-def kernel_path(kernels: str, device: str, ssm_layer: str = "mamba1") -> tuple[bool, str]:
+def kernel_path(kernels: str, device: str, ssm_layer: str = "mamba1", mimo: bool = False) -> tuple[bool, str]:
     """(whether the run will take mamba-ssm's fused kernels, why), as ops/kernels.py decides it:
-    Mamba-3 by its own probe (mamba-ssm >= 2.3.2's Triton kernel, kernel family "mamba3")."""
+    Mamba-3 by its own probe (mamba-ssm >= 2.3.2's Triton kernel, kernel family "mamba3"), Mamba-3
+    MIMO by its TileLang kernel's (family "mamba3-mimo", which also needs tilelang)."""
     if device == "cpu":
         return False, "CPU ranks"
     if kernels != "auto":
         return kernels == "cuda", f"model.kernels={kernels}"
+    if ssm_layer == "mamba3" and mimo:
+        if cuda_kernels_available("mamba3-mimo")[0]:
+            return True, "model.kernels=auto and mamba-ssm's Mamba-3 MIMO kernel (TileLang) imports here"
+        return False, ("model.kernels=auto and mamba-ssm >= 2.3.2's Mamba-3 MIMO kernel does not import here (it "
+                       "needs tilelang); for the fused kernel's smaller count plan where it does, or override "
+                       "model.kernels=cuda")
     if ssm_layer == "mamba3":
         if cuda_kernels_available("mamba3")[0]:
             return True, "model.kernels=auto and mamba-ssm's Mamba-3 kernel imports here"
@@ -271,14 +315,16 @@ def memory_model(cfg, size: ModelSize, device: str) -> MemoryModel:
     precision = cfg.trainer.precision
     amp = precision == "amp_bf16" or (precision == "auto" and device == "gpu")
     gathered = 2 if amp and cfg.fsdp.mixed_precision == "DEFAULT" else 4
-    fused, why = kernel_path(cfg.model.kernels, device, cfg.model.ssm_layer)
+    fused, why = kernel_path(cfg.model.kernels, device, cfg.model.ssm_layer, size.mimo_rank > 0)
     kinds = sorted(set(size.layer_kinds))
+    # A MIMO plan names its form: its count (fused) or measurement (torch) is the MIMO mixer's.
+    mimo = f" for Mamba-3 MIMO of rank {size.mimo_rank}" if size.mimo_rank else ""
     if fused:
         blocks = {kind: block_activation_bytes(size, kind) for kind in kinds}
-        path = f"mamba-ssm's fused kernels, counted ({why})"
-    else:
+        path = f"mamba-ssm's fused kernels{mimo}, counted ({why})"
+    else:  # cfg.model carries is_mimo and mimo_rank: the measured block is the MIMO one
         blocks = {kind: torch_block_bytes(cfg.model, cfg.data.seq_len, amp, gathered, kind) for kind in kinds}
-        path = f"the pure-PyTorch ops, measured ({why})"
+        path = f"the pure-PyTorch ops{mimo}, measured ({why})"
     return MemoryModel(blocks=blocks, compute=2 if amp else 4, gathered=gathered, path=path)
 
 

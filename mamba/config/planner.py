@@ -143,8 +143,9 @@ def summary(pl: Plan, cfg, mem: MemoryModel, *, rank_label: str, budget: int, da
     m, seq_len = cfg.model, cfg.data.seq_len
     checkpointing = "off" if not pl.checkpointing else (
         "on" if pl.checkpointing_every == 1 else f"on every {pl.checkpointing_every} blocks")
+    mimo = f" MIMO rank {m.mimo_rank}" if m.ssm_layer == "mamba3" and m.is_mimo else ""
     lines = [
-        f"model        {m.ssm_layer} d_model={m.d_model} n_layer={m.n_layer} "
+        f"model        {m.ssm_layer}{mimo} d_model={m.d_model} n_layer={m.n_layer} "
         f"vocab={m.vocab_size}: {pl.params:,} parameters ({pl.params / 1e6:.1f}M)",
         *([f"hybrid       attention at layers {list(m.attn_layer_idx)} ({m.attn_cfg.num_heads} heads"
            f"{f', {m.attn_cfg.num_heads_kv} KV heads' if m.attn_cfg.num_heads_kv else ''}); "

@@ -37,6 +37,12 @@ MODEL_PRESETS: dict[str, dict] = {
     # chunk_size 64, rope_fraction 0.5, no output norm (mamba_ssm/modules/mamba3.py).
     "mamba3-1.4b": {"d_model": 2048, "n_layer": 48, "vocab_size": 50280, "ssm_layer": "mamba3", "d_state": 128,
                     "headdim": 64, "chunk_size": 64},
+    # Mamba-3 MIMO (the paper's "Multi-Input, Multi-Output" form) in the same shape: rank 4, the rank
+    # mamba-ssm 2.3.2's MIMO kernel is tuned for, and its recommended chunk of 64 / R = 16 tokens
+    # (mamba_ssm/ops/tilelang/mamba3/mamba3_mimo.py). The rank adds 2 (R - 1) N d in_proj weights per
+    # layer (a B and a C per rank; 6% more parameters) and, at Q = 64 / R, multiplies the scan's FLOPs by R.
+    "mamba3-mimo-1.4b": {"d_model": 2048, "n_layer": 48, "vocab_size": 50280, "ssm_layer": "mamba3", "d_state": 128,
+                         "headdim": 64, "chunk_size": 16, "is_mimo": True, "mimo_rank": 4},
 }
 
 # One attention layer in ATTN_EVERY when create_mamba_config.py is asked for a hybrid without a
@@ -68,11 +74,13 @@ def attention_shape(d_model: int) -> dict:
 # 760M parameters, 1M for 1.3B and 2.7B); 1.6b is the default recipe's (896 x 4096); tiny is 8 x 256.
 BATCH_TOKENS: dict[str, int] = {
     "tiny": 8 * 256, "130m": 2**19, "370m": 2**19, "790m": 2**19, "1.4b": 2**20, "2.8b": 2**20, "mamba3-1.4b": 2**20,
+    "mamba3-mimo-1.4b": 2**20,
     "1.6b": _DEFAULT.trainer.global_batch_size * _DEFAULT.data.seq_len,
 }
 # Window length per preset (GPT-3 / Mamba paper: 2048; the default recipe: 4096; tiny: 256).
 SEQ_LEN: dict[str, int] = {
     "tiny": 256, "130m": 2048, "370m": 2048, "790m": 2048, "1.4b": 2048, "2.8b": 2048, "mamba3-1.4b": 2048,
+    "mamba3-mimo-1.4b": 2048,
     "1.6b": _DEFAULT.data.seq_len,
 }
 # Token budget when neither --tokens nor --tokens-per-param is given: 20 per parameter (Hoffmann

@@ -27,17 +27,23 @@ capped at the sequence length), matmuls:
     C s_in    2 * N * E           outputs from the state entering the chunk
     conv1d    2 * (E + 2GN) * K   the conv runs over x, B and C together
 
-Mamba-3 layer (SISO; Lahoti et al. 2026, arXiv 2603.15569; mamba-ssm 2.3.2's `Mamba3`; S = the
-rotary angles, mamba3.rope_angles), matmuls:
-    in_proj   2 * d * (2E + 2GN + 3H + S)   z, x, B, C, dt, A, trap and the angles in one projection
+Mamba-3 layer (Lahoti et al. 2026, arXiv 2603.15569; mamba-ssm 2.3.2's `Mamba3`; S = the rotary
+angles, mamba3.rope_angles; R = mimo_rank with is_mimo, 1 for SISO), matmuls:
+    in_proj   2 * d * (2E + 2RGN + 3H + S)   z, x, B, C (R of each with MIMO), dt, A, trap and the
+                                             angles in one projection
     out_proj  2 * E * d
-  and the chunked scan (ops/mamba3_scan.py, the SSD steps with keys and queries per head, since the
-  rotary angles depend on each head's dt; mamba-ssm's kernel computes the same blocks):
-    q k^T     2 * Q * H * N       intra-chunk scores, per head
-    W x       2 * Q * E           intra-chunk outputs
-    states    2 * N * E           each chunk's final state
-    q s_in    2 * N * E           outputs from the state entering the chunk
-  No conv. The rotations, B/C norms, trapezoid weights and angle sums are O(H N) per token: ignored.
+  and the chunked scan (ops/mamba3_scan.py's mamba3_scan_chunked, the SSD steps with keys and
+  queries per head, since the rotary angles depend on each head's dt; mamba-ssm's kernels compute
+  the same blocks). MIMO makes each token R rows (token i, rank r) of the chunk, so a chunk of Q
+  tokens is one SSD block of Q R rows per head; per token (the chunk's cost over its Q tokens):
+    q k^T     2 * Q R^2 * H * N   step 1, intra-chunk scores: (QR x N) @ (N x QR) per head
+    W v       2 * Q R^2 * E       step 1, intra-chunk outputs: (QR x QR) @ (QR x P) per head
+    states    2 * R * N * E       step 2, each chunk's final state: (P x QR) @ (QR x N) per head
+    q s_in    2 * R * N * E       step 4, outputs from the state entering the chunk: (QR x N) @ (N x P)
+  R = 1 is the SISO count. No conv. The rotations, B/C norms, trapezoid weights and angle sums are
+  O(R H N) per token, and MIMO's per-rank input scaling (mimo_x), gates (mimo_z) and weighted sum of
+  the R outputs (mimo_o) O(R E): ignored like the other elementwise work (torch runs the mimo_o sum
+  as a batched matmul of 2 R E FLOPs, 0.2% of the scan at the mamba3-mimo-1.4b shape).
 
 Attention layer of a hybrid (mamba-ssm's MHA; h query heads, h_kv key/value heads, D head_dim,
 L the sequence length), matmuls:
@@ -95,20 +101,26 @@ def ssd_flops(config, q: int) -> int:
     return 2 * q * g * n + 2 * q * e + 4 * n * e
 
 
+def mamba3_rank(config) -> int:
+    """R: the Mamba-3 MIMO rank, 1 for SISO (as the mixer sets it)."""
+    return config.mimo_rank if config.is_mimo else 1
+
+
 def mamba3_layer_flops(config, seq_len: int | None = None) -> tuple[int, int]:
-    """(matmul in Linear layers, chunked scan) forward FLOPs per token of one Mamba-3 mixer."""
+    """(matmul in Linear layers, chunked scan) forward FLOPs per token of one Mamba-3 mixer, SISO or MIMO."""
     d, n, g = config.d_model, config.d_state, config.ngroups
-    e = config.expand * d
+    e, r = config.expand * d, mamba3_rank(config)
     h = e // config.headdim
     q = config.chunk_size if seq_len is None else min(config.chunk_size, seq_len)  # the scan's Q
-    matmul = 2 * d * (2 * e + 2 * g * n + 3 * h + rope_angles(n, config.rope_fraction)) + 2 * e * d
+    matmul = 2 * d * (2 * e + 2 * r * g * n + 3 * h + rope_angles(n, config.rope_fraction)) + 2 * e * d
     return matmul, mamba3_scan_flops(config, q)
 
 
 def mamba3_scan_flops(config, q: int) -> int:
-    """Forward FLOPs per token of the chunked Mamba-3 scan's matmuls with chunk length q."""
-    e, n = config.expand * config.d_model, config.d_state
-    return 2 * q * (e // config.headdim) * n + 2 * q * e + 4 * n * e
+    """Forward FLOPs per token of the chunked Mamba-3 scan's matmuls with chunk length q (q tokens,
+    q R rows with MIMO's rank R): scores and values over the q R rows, chunk states, read-out."""
+    e, n, r = config.expand * config.d_model, config.d_state, mamba3_rank(config)
+    return 2 * q * r * r * (e // config.headdim) * n + 2 * q * r * r * e + 4 * r * n * e
 
 
 def attention_layer_flops(config, seq_len: int) -> tuple[int, int]:

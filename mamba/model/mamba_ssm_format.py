@@ -74,7 +74,7 @@ _SSM_SHAPE_KEYS = {"mamba1": {"d_state", "d_conv", "expand", "dt_rank"},
                               "is_outproj_norm", "is_mimo", "mimo_rank"}}
 # mamba-ssm's Mamba3 defaults where they differ from MambaConfig's (mamba_ssm/modules/mamba3.py).
 MAMBA3_DEFAULTS = {"d_state": 128, "headdim": 64, "chunk_size": 64}
-# Mamba3 arguments that do not change a SISO model: `dropout`, `layer_idx`, `n_layer` it only
+# Mamba3 arguments that do not change the computation: `dropout`, `layer_idx`, `n_layer` it only
 # absorbs ("Just to absorb the kwarg"); `fuse_pregate_headwise_norm` (after 2.3.2) moves MIMO's
 # per-rank output norm into the kernel, the same computation.
 _MAMBA3_IGNORED = {"dropout", "layer_idx", "n_layer", "fuse_pregate_headwise_norm"}

@@ -86,7 +86,8 @@ def fused_gpu_model(preset: str) -> tuple:
 
 
 @pytest.mark.parametrize("preset,gpu,nodes", [("130m", "A100-40GB", 1), ("1.4b", "H100-80GB", 2),
-                                              ("2.8b", "L40S-48GB", 4), ("1.6b", "H200-141GB", 1)])
+                                              ("2.8b", "L40S-48GB", 4), ("1.6b", "H200-141GB", 1),
+                                              ("mamba3-1.4b", "H100-80GB", 1), ("mamba3-mimo-1.4b", "H100-80GB", 1)])
 def test_plan_is_consistent_with_its_memory_model(preset, gpu, nodes):
     _, m, mem = fused_gpu_model(preset)
     assert (mem.blocks, mem.compute, mem.gathered) == ({"mamba": planner.block_activation_bytes(m)}, 2, 2)
@@ -201,7 +202,7 @@ HYBRID = ["model.attn_layer_idx=[1]", "model.attn_cfg.num_heads=4", "model.attn_
           "model.attn_cfg.rotary_emb_dim=8", "model.attn_cfg.d_conv=4", "model.d_intermediate=100"]
 
 
-@pytest.mark.parametrize("ssm", ["mamba1", "mamba2", "mamba2+attention", "mamba3", "mamba3+attention"])
+@pytest.mark.parametrize("ssm", ["mamba1", "mamba2", "mamba2+attention", "mamba3", "mamba3+attention", "mamba3-mimo"])
 @pytest.mark.parametrize("precision", ["fp32", "amp_bf16"])
 def test_activation_count_is_what_autograd_saves(ssm, precision):
     """The memory model's activations (the pure-PyTorch blocks, measured on fake tensors, plus the
@@ -210,9 +211,10 @@ def test_activation_count_is_what_autograd_saves(ssm, precision):
     (attention in layer 1, MLPs everywhere) sum two kinds of block."""
     amp = precision == "amp_bf16"
     hybrid = HYBRID if ssm.endswith("+attention") else []
+    mimo = ["model.is_mimo=true", "model.mimo_rank=2"] if ssm == "mamba3-mimo" else []  # its torch scan
     cfg = load_config(None, ["model.d_model=64", "model.n_layer=3", "model.vocab_size=512", "data.seq_len=128",
-                             f"model.ssm_layer={ssm.split('+')[0]}", "model.chunk_size=32", "model.headdim=32",
-                             f"trainer.precision={precision}", *hybrid])
+                             f"model.ssm_layer={ssm.split('+')[0].removesuffix('-mimo')}", "model.chunk_size=32",
+                             "model.headdim=32", f"trainer.precision={precision}", *hybrid, *mimo])
     size = planner.measure_model(cfg.model)
     mem = planner.memory_model(cfg, size, "gpu" if amp else "cpu")
     model = build_model(cfg.model, device="cpu").to(torch.bfloat16 if amp else torch.float32)  # as FSDP gathers it
@@ -392,21 +394,24 @@ def test_hybrid_flags_write_a_valid_hybrid(tmp_path):
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
 
 
-def test_mamba3_preset_is_mamba_ssm_shape():
-    """mamba3-1.4b counted from mamba-ssm 2.3.2's Mamba3 shapes (modules/mamba3.py, SISO):
-    in_proj d -> [z, x (E each), B, C (N each, one group), dt, A, trap (H each), S angles],
-    dt_bias and D (H), B_bias and C_bias (H, 1, N), B_norm and C_norm (N), out_proj E -> d, no
-    output norm; E = 4096, H = 4096 / 64 = 64, N = 128, S = 128 * 0.5 / 2 = 32; tied 50,280 vocab."""
-    assert "mamba3-1.4b" not in MAMBA1_PRESETS
-    preset = MODEL_PRESETS["mamba3-1.4b"]
-    cfg = load_config(None, [f"model.{k}={v}" for k, v in preset.items()])
+@pytest.mark.parametrize("preset,rank,chunk", [("mamba3-1.4b", 1, 64), ("mamba3-mimo-1.4b", 4, 16)])
+def test_mamba3_preset_is_mamba_ssm_shape(preset, rank, chunk):
+    """mamba3-1.4b counted from mamba-ssm 2.3.2's Mamba3 shapes (modules/mamba3.py): in_proj d ->
+    [z, x (E each), B, C (R N each, one group), dt, A, trap (H each), S angles], dt_bias and D (H),
+    B_bias and C_bias (H, R, N), B_norm and C_norm (N), with is_mimo mimo_x, mimo_z, mimo_o (H, R, P),
+    out_proj E -> d, no output norm; E = 4096, H = 4096 / 64 = 64 heads of P = 64, N = 128, S = 128 *
+    0.5 / 2 = 32; tied 50,280 vocab. mamba3-mimo-1.4b is the same with rank R = 4 and chunk 64 / R."""
+    assert preset not in MAMBA1_PRESETS
+    cfg = load_config(None, [f"model.{k}={v}" for k, v in MODEL_PRESETS[preset].items()])
     size = planner.measure_model(cfg.model)
-    d, e, h, n, s = 2048, 4096, 64, 128, 32
-    mixer = d * (2 * e + 2 * n + 3 * h + s) + h + 2 * h * n + 2 * n + h + e * d
+    d, e, h, n, s, p = 2048, 4096, 64, 128, 32, 64
+    mimo = 3 * h * rank * p if rank > 1 else 0
+    mixer = d * (2 * e + 2 * rank * n + 3 * h + s) + h + 2 * h * rank * n + 2 * n + h + e * d + mimo
     block = mixer + d  # + the block's RMSNorm
     assert size.params == 48 * block + 50280 * d + d
     assert size.largest_unit == max(block, 50280 * d)
-    assert (size.ssm_heads, size.state_size, size.rope_angles, size.chunk) == (h, n, s, 64)
+    assert (size.ssm_heads, size.state_size, size.rope_angles, size.chunk) == (h, n, s, chunk)
+    assert size.mimo_rank == (rank if rank > 1 else 0)
 
 
 @pytest.mark.parametrize("outproj_norm", [False, True])
@@ -420,7 +425,7 @@ def test_mamba3_fused_count_by_hand(outproj_norm):
     size = planner.measure_model(load_config(None, keys).model)
     d, e, h, g, n, s, q = 64, 128, 4, 2, 16, 4, 32
     w3 = 2 * e + 2 * g * n + 3 * h + s
-    block = (4 * d + 2 * d + 2 * w3 + 2 * (4 * g * n + 4 * g + 4 * g * n + 2 * g * n) + 24 * h + 4 * h * s
+    block = (4 * d + 2 * d + 2 * w3 + 2 * (4 * g * n + 4 * g + 4 * g * n + 2 * g * n) + 24 * h + 8 * h * s
              + 4 * e + 4 * h * n + 16 * h + math.ceil((2 * e * n + 4 * h) / q)
              + (22 * e + 4 * h if outproj_norm else 0))
     assert planner.block_activation_bytes(size) == block

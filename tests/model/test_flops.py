@@ -103,3 +103,72 @@ def test_mamba3_matmul_and_scan_flops_match_flop_counter():
     assert by_op["aten.bmm"] == 3 * config.n_layer * mamba3_scan_flops(config, q=8) * batch * length
     assert forward_flops_per_token(config, seq_len=4) < forward_flops_per_token(config) == \
         forward_flops_per_token(config, seq_len=8)
+
+
+def mamba3_config(rank=None, **kw):
+    """A small Mamba-3 LM: E 64, H 4 heads of 16, G 2 groups of N 8, Q 8; MIMO of rank `rank`."""
+    mimo = {} if rank is None else {"is_mimo": True, "mimo_rank": rank}
+    shape = dict(d_model=32, n_layer=2, vocab_size=50, d_state=8, headdim=16, ngroups=2, chunk_size=8)
+    return MambaConfig(ssm_layer="mamba3", kernels="torch", **{**shape, **kw}, **mimo)
+
+
+def test_mamba3_mimo_of_rank_one_counts_as_siso_and_rank_grows_the_scan():
+    from mamba.model.flops import mamba3_layer_flops, mamba3_scan_flops
+
+    for shape in ({}, {"d_model": 2048, "n_layer": 48, "d_state": 128, "headdim": 64, "ngroups": 1, "chunk_size": 64}):
+        siso, rank_one = mamba3_config(**shape), mamba3_config(1, **shape)
+        assert mamba3_layer_flops(rank_one) == mamba3_layer_flops(siso)
+        for seq_len in (None, 4, 2048):
+            assert forward_flops_per_token(rank_one, seq_len) == forward_flops_per_token(siso, seq_len)
+        # Rank R with the chunk cut to Q / R (mamba-ssm's recommendation) keeps blocks of Q rows:
+        # each token then costs R times SISO's scan, the paper's "R times the FLOPs, same state".
+        q = siso.chunk_size
+        for r in (2, 4):
+            mimo = mamba3_config(r, **{**shape, "chunk_size": q // r})
+            assert mamba3_scan_flops(mimo, q // r) == r * mamba3_scan_flops(siso, q)
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4])
+@pytest.mark.parametrize("length", [16, 24])  # chunks of 8: two, and three
+def test_mamba3_mimo_scan_flops_match_flop_counter_on_the_scan(rank, length):
+    """mamba3_scan_chunked itself, MIMO without the mimo_o sum (the output norm's layout): its
+    batched matmuls are exactly the formula's scores, values, chunk states and read-out."""
+    from mamba.model.flops import mamba3_scan_flops
+    from mamba.model.ops.mamba3_scan import mamba3_scan_chunked
+
+    config = mamba3_config(rank)
+    batch, H, P, G, N, S = 2, 4, 16, 2, 8, 2
+    g = torch.Generator().manual_seed(rank)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
+
+    dt = F.softplus(rnd(batch, length, H))
+    args = dict(C=rnd(batch, length, rank, G, N), B=rnd(batch, length, rank, G, N), x=rnd(batch, length, H, P),
+                adt=-dt, dt=dt, trap=rnd(batch, length, H), angles=rnd(batch, length, S),
+                C_bias=rnd(H, rank, N), B_bias=rnd(H, rank, N), D=rnd(H), mimo_x=rnd(H, rank, P))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        mamba3_scan_chunked(**args, chunk_size=8)
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert by_op == {"aten.bmm": mamba3_scan_flops(config, q=8) * batch * length}
+
+
+@pytest.mark.parametrize("outproj_norm", [False, True])
+@pytest.mark.parametrize("rank", [1, 2, 4])
+def test_mamba3_mimo_lm_flops_match_flop_counter(outproj_norm, rank):
+    """A MIMO LM, forward + backward: the Linear layers (in_proj with its R B's and C's) are aten.mm
+    exactly, and aten.bmm is the scan formula plus the one matmul it leaves out, torch's batched
+    matmul for the mimo_o sum of the R outputs (2 R E per token; a plain product at R = 1)."""
+    torch.manual_seed(0)
+    config = mamba3_config(rank, is_outproj_norm=outproj_norm)
+    model = MambaLMHeadModel(config)
+    batch, length = 2, 16  # two chunks of 8
+    by_op = counted_train_flops(model, batch, length, config.vocab_size)
+    linear = by_op.get("aten.mm", 0) + by_op.get("aten.addmm", 0)
+    assert linear == 3 * forward_matmul_flops_per_token(config) * batch * length
+    assert sum(p.numel() for p in model.backbone.layers[0].mixer.in_proj.parameters()) == \
+        32 * (2 * 64 + 2 * rank * 2 * 8 + 3 * 4 + 2)  # the in_proj width the formula reads, as built
+    from mamba.model.flops import mamba3_scan_flops
+    mimo_o_sum = 2 * rank * 64 if rank > 1 else 0
+    assert by_op["aten.bmm"] == 3 * config.n_layer * (mamba3_scan_flops(config, q=8) + mimo_o_sum) * batch * length

@@ -253,7 +253,8 @@ def test_config_keys_build_the_mimo_mixer_and_are_validated():
     assert isinstance(mixer, Mamba3) and (mixer.is_mimo, mixer.mimo_rank, tuple(mixer.mimo_x.shape)) == (True, 2, (4, 2, 16))
     for overrides, message in ((["model.mimo_rank=0"], r"model.mimo_rank=0 must be >= 1"),
                                (["model.d_state=13"], r"model.d_state=13 must be even with model.is_mimo"),
-                               (["model.mimo_rnak=2"], r"mimo_rnak")):
+                               (["model.mimo_rnak=2"], r"mimo_rnak"),
+                               (["model.ssm_layer=mamba2"], r"model.is_mimo=true is Mamba-3's MIMO form")):
         with pytest.raises(ConfigError, match=message):
             load_config(None, ["model.ssm_layer=mamba3", "model.d_model=64", "model.headdim=32", "model.is_mimo=true",
                                *overrides])

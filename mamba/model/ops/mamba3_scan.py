@@ -53,7 +53,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mamba.model.ops.ssd import _segsum
+from mamba.model.ops.ssd import _segsum, states_entering
 
 TWO_PI = 2 * math.pi
 
@@ -196,8 +196,9 @@ def _chunked_angles(phi: torch.Tensor, reset: torch.Tensor | None, Q: int) -> to
             seen = seen | F.pad(seen[:, :, :-d], (0, 0, 0, 0, d, 0))
             d *= 2
     carries = [sums.new_zeros(b, H, S)]
-    for c in range(nc - 1):
-        end = torch.where(seen[:, c, -1], sums[:, c, -1], carries[-1] + sums[:, c, -1])
+    # unbind, not sums[:, c]: see ssd.states_entering (a zero-filled whole tensor per chunk in backward)
+    for started, chunk_sum in zip(seen[:, :-1, -1].unbind(1), sums[:, :-1, -1].unbind(1)):
+        end = torch.where(started, chunk_sum, carries[-1] + chunk_sum)
         carries.append(end - TWO_PI * torch.floor(end / TWO_PI))
     carry = torch.stack(carries, dim=1)[:, :, None]  # (b, nc, 1, H, S)
     theta = torch.where(seen, sums, carry + sums)
@@ -249,8 +250,9 @@ def mamba3_scan_chunked(C, B, x, adt, dt, trap, angles, C_bias, B_bias, D=None, 
         def rows(t):  # (b, nc * Q, R, H, X) -> (b, nc, H, Q * R, X): a chunk's Q tokens x R ranks
             return t.view(batch, nc, Q, rank, nheads, t.shape[-1]).permute(0, 1, 4, 2, 3, 5).flatten(3, 4)
 
-        def per_row(t):  # (b, nc, H, Q, ...) -> (b, nc, H, Q * R, ...): every rank of a token alike
-            return t if rank == 1 else t.repeat_interleave(rank, dim=3)
+        def per_row(t):  # (b, nc, H, Q) -> (b, nc, H, Q * R): every rank of a token alike
+            # expand, not repeat_interleave: its backward is a sum, not a CPU-slow index_add
+            return t if rank == 1 else t.unsqueeze(-1).expand(*t.shape, rank).flatten(-2)
 
         qc, kc, vc = rows(q), rows(k), rows(vp)
         ac, scale_c, gamma_c = chunks(a), chunks(scale), chunks(gamma)
@@ -259,7 +261,8 @@ def mamba3_scan_chunked(C, B, x, adt, dt, trap, angles, C_bias, B_bias, D=None, 
         diagonal = torch.eye(Q, dtype=torch.bool, device=x.device)
         W = torch.where(diagonal, gamma_c[..., :, None], torch.exp(seg) * scale_c[..., None, :])
         if rank > 1:  # (.., Q, Q) -> (.., QR, QR): the rows of one token share its weights
-            W = W.repeat_interleave(rank, dim=-1).repeat_interleave(rank, dim=-2)
+            W = W[..., :, None, :, None].expand(*W.shape[:-2], Q, rank, Q, rank).reshape(*W.shape[:-2], Q * rank,
+                                                                                       Q * rank)
         y = ((qc @ kc.transpose(-1, -2)) * W) @ vc  # (b, c, H, QR, P)
         # 2. Each chunk's final state from zero: sum_j exp(a_{j+1..Q-1}) scale_j v_j k_j^T.
         to_end = per_row(torch.exp(seg[..., -1, :]) * scale_c)  # (b, c, H, QR)
@@ -267,10 +270,7 @@ def mamba3_scan_chunked(C, B, x, adt, dt, trap, angles, C_bias, B_bias, D=None, 
         # 3. The state entering each chunk, one step per chunk (never per token).
         acum = torch.cumsum(ac, dim=-1)  # (b, c, H, Q): a_0 + ... + a_i
         chunk_decay = torch.exp(acum[..., -1])[..., None, None]  # (b, c, H, 1, 1)
-        entering = [torch.zeros_like(states[:, 0])]
-        for c in range(1, nc):
-            entering.append(chunk_decay[:, c - 1] * entering[-1] + states[:, c - 1])
-        s_in = torch.stack(entering, dim=1)  # (b, c, H, P, N)
+        s_in = states_entering(states, chunk_decay)  # (b, c, H, P, N)
         # 4. Its contribution: exp(a_0 + ... + a_i) q_i . S_in.
         y = y + per_row(torch.exp(acum))[..., None] * (qc @ s_in.transpose(-1, -2))
         y = y.unflatten(3, (Q, rank)).permute(0, 1, 3, 4, 2, 5).reshape(batch, nc * Q, rank, nheads, headdim)

@@ -81,6 +81,17 @@ STANDINS = {
 }
 
 
+def reset_from_cu_seqlens(cu_seqlens, Q):
+    """Varlen kernels' cu_seqlens (the sequences' offsets in one row of Q) -> (1, l) document
+    starts, or None without it."""
+    if cu_seqlens is None:
+        return None
+    assert Q.shape[0] == 1, "varlen mode takes one row"
+    reset = torch.zeros(1, Q.shape[1], dtype=torch.bool, device=Q.device)
+    reset[0, cu_seqlens[:-1].long()] = True
+    return reset
+
+
 def mamba3_siso_combined(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Input_States=None,
                          chunk_size=64, return_final_states=False, cu_seqlens=None):
     """mamba-ssm 2.3.2's Mamba-3 SISO scan (ops/triton/mamba3/mamba3_siso_combined.py): Q = C, K = B
@@ -89,11 +100,7 @@ def mamba3_siso_combined(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None,
     from mamba.model.ops.mamba3_scan import mamba3_scan_ref
 
     assert Input_States is None and not return_final_states, "the model passes neither"
-    reset = None
-    if cu_seqlens is not None:
-        assert Q.shape[0] == 1, "varlen mode takes one row"
-        reset = torch.zeros(1, Q.shape[1], dtype=torch.bool, device=Q.device)
-        reset[0, cu_seqlens[:-1].long()] = True
+    reset = reset_from_cu_seqlens(cu_seqlens, Q)
     return mamba3_scan_ref(Q, K, V, ADT.transpose(1, 2), DT.transpose(1, 2), Trap.transpose(1, 2), Angles,
                            Q_bias, K_bias, D, Z, reset)
 
@@ -112,11 +119,7 @@ def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out
     assert not return_state, "the model does not ask for the final states"
     assert Angles.shape[-1] * rotary_dim_divisor == Q.shape[-1] and rotary_dim_divisor in (2, 4)
     assert dtype == V.dtype and chunk_size >= 8
-    reset = None
-    if cu_seqlens is not None:
-        assert Q.shape[0] == 1, "varlen mode takes one row"
-        reset = torch.zeros(1, Q.shape[1], dtype=torch.bool, device=Q.device)
-        reset[0, cu_seqlens[:-1].long()] = True
+    reset = reset_from_cu_seqlens(cu_seqlens, Q)
     return mamba3_scan_ref(Q, K, V, ADT.transpose(1, 2), DT.transpose(1, 2), Trap.transpose(1, 2), Angles,
                            Q_bias, K_bias, D, Z, reset, MIMO_V, MIMO_Z if Z is not None else None, MIMO_Out)
 

@@ -24,6 +24,31 @@ def set_kernels(model, mode):
             module.kernels_mode = mode
 
 
+def standin_equals_torch_path(ref, with_documents, perturb=0.0):
+    """Logits and every gradient of `ref` (kernels torch, float64) and of its copy switched to
+    kernels cuda, whose kernels the caller replaced by stand-ins, agree to 1e-10 on 2 rows of 40
+    tokens (with documents: 17 + 23 per row). `perturb` moves the weights off the init first.
+    Returns the torch path's logits."""
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(perturb * torch.randn_like(p))
+    fast = copy.deepcopy(ref)
+    set_kernels(fast, "cuda")
+    ids = torch.randint(0, 100, (2, 40))
+    positions = torch.cat([torch.arange(17), torch.arange(23)])[None].repeat(2, 1) if with_documents else None
+    results = []
+    for model in (ref, fast):
+        logits = model(ids, positions)
+        logits.square().mean().backward()
+        results.append((logits, {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-10, atol=1e-10)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-10, atol=1e-10, msg=name)
+    if with_documents:  # the resets matter for these inputs
+        assert (ref(ids) - results[0][0]).abs().max() > 1e-3
+    return results[0][0]
+
+
 def config(ssm_layer, mode, **kw):
     return MambaConfig(d_model=64, n_layer=2, vocab_size=100, ssm_layer=ssm_layer, d_state=16, headdim=32,
                        chunk_size=64, kernels=mode, **kw)
@@ -85,19 +110,8 @@ def test_cuda_dispatch_through_kernel_standins_equals_the_torch_path(monkeypatch
             return _fn(*args, **kwargs)
         monkeypatch.setitem(STANDINS, name, spy)
     torch.manual_seed(0)
-    ref = MambaLMHeadModel(config(ssm_layer, "torch", tie_embeddings=False)).double()
-    fast = copy.deepcopy(ref)
-    set_kernels(fast, "cuda")
-    ids = torch.randint(0, 100, (2, 40))
-    positions = torch.cat([torch.arange(17), torch.arange(23)])[None].repeat(2, 1) if with_documents else None
-    results = []
-    for model in (ref, fast):
-        logits = model(ids, positions)
-        logits.square().mean().backward()
-        results.append((logits, {n: p.grad for n, p in model.named_parameters()}))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-10, atol=1e-10)
-    for name, grad in results[0][1].items():
-        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-10, atol=1e-10, msg=name)
+    standin_equals_torch_path(MambaLMHeadModel(config(ssm_layer, "torch", tie_embeddings=False)).double(),
+                              with_documents)
     expected = {"rms_norm_fn": 3}  # two blocks and the final norm
     if ssm_layer == "mamba2":
         expected["mamba_split_conv1d_scan_combined"] = 2
@@ -106,8 +120,6 @@ def test_cuda_dispatch_through_kernel_standins_equals_the_torch_path(monkeypatch
     else:
         expected["mamba_inner_fn"] = 2
     assert called == expected
-    if with_documents:  # the resets matter for these inputs
-        assert (ref(ids) - results[0][0]).abs().max() > 1e-3
 
 
 def compare_paths(torch_config, dtype, positions, rtol, atol):
@@ -202,25 +214,10 @@ def test_mamba3_cuda_dispatch_through_kernel_standins_equals_the_torch_path(monk
                         lambda *a, **k: calls.append(k.get("cu_seqlens")) or standin(*a, **k))
     torch.manual_seed(0)
     ref = MambaLMHeadModel(mamba3_config("torch", tie_embeddings=False, is_outproj_norm=outproj_norm)).double()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))  # off the init (B/C biases, norms) so every path matters
-    fast = copy.deepcopy(ref)
-    set_kernels(fast, "cuda")
-    ids = torch.randint(0, 100, (2, 40))
-    positions = torch.cat([torch.arange(17), torch.arange(23)])[None].repeat(2, 1) if with_documents else None
-    results = []
-    for model in (ref, fast):
-        logits = model(ids, positions)
-        logits.square().mean().backward()
-        results.append((logits, {n: p.grad for n, p in model.named_parameters()}))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-10, atol=1e-10)
-    for name, grad in results[0][1].items():
-        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-10, atol=1e-10, msg=name)
+    standin_equals_torch_path(ref, with_documents, perturb=0.05)  # off the init (B/C biases, norms)
     assert len(calls) == 2  # one kernel call per layer
     if with_documents:  # rows and documents cut into one flattened row of 80 tokens
         assert all(c.tolist() == [0, 17, 40, 57, 80] for c in calls)
-        assert (ref(ids) - results[0][0]).abs().max() > 1e-3  # the resets matter for these inputs
     else:
         assert calls == [None, None]
 

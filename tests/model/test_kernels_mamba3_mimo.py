@@ -2,15 +2,13 @@
 TileLang kernel, which needs tilelang): the clear failure of `kernels: cuda` without it, the
 torch fallback under `auto`, the CUDA dispatch on CPU through a float64 stand-in of the kernel's
 semantics, and (on a GPU with mamba-ssm and tilelang) kernel vs torch path, forward and gradients."""
-import copy
-
 import pytest
 import torch
 
 from kernel_standins import MAMBA3_MIMO_STANDINS, STANDINS
 from mamba.model import MambaConfig, MambaLMHeadModel
 from mamba.model.ops import kernels
-from test_kernels import AVAILABLE, REASON, compare_paths, set_kernels
+from test_kernels import AVAILABLE, REASON, compare_paths, standin_equals_torch_path
 
 MIMO_AVAILABLE, MIMO_REASON = kernels.cuda_kernels_available("mamba3-mimo")
 MIMO_ON_GPU = torch.cuda.is_available() and AVAILABLE and MIMO_AVAILABLE
@@ -48,21 +46,7 @@ def test_cuda_dispatch_through_the_mimo_standin_equals_the_torch_path(monkeypatc
                         or standin(*a, **k))
     torch.manual_seed(0)
     ref = MambaLMHeadModel(mimo_config("torch", tie_embeddings=False, is_outproj_norm=outproj_norm)).double()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))  # off the init (biases, mimo_*, norms) so every path matters
-    fast = copy.deepcopy(ref)
-    set_kernels(fast, "cuda")
-    ids = torch.randint(0, 100, (2, 40))
-    positions = torch.cat([torch.arange(17), torch.arange(23)])[None].repeat(2, 1) if with_documents else None
-    results = []
-    for model in (ref, fast):
-        logits = model(ids, positions)
-        logits.square().mean().backward()
-        results.append((logits, {n: p.grad for n, p in model.named_parameters()}))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-10, atol=1e-10)
-    for name, grad in results[0][1].items():
-        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-10, atol=1e-10, msg=name)
+    standin_equals_torch_path(ref, with_documents, perturb=0.05)  # off the init (biases, mimo_*, norms)
     assert len(calls) == 2 and all(divisor == 4 and no_out == outproj_norm for _, divisor, no_out in calls)
     if with_documents:  # rows and documents cut into one flattened row of 80 tokens
         assert all(c.tolist() == [0, 17, 40, 57, 80] for c, _, _ in calls)

@@ -208,16 +208,24 @@ def reference_forward(m, u, reset):
     return m.out_proj(y)
 
 
-@pytest.mark.parametrize("outproj_norm", [False, True])
-def test_mixer_forward_and_gradients_match_reference_float64(outproj_norm):
-    m = small(is_outproj_norm=outproj_norm).double()
+def off_init(m):
+    """m in float64 with every parameter moved off its init, so that every one matters."""
+    m = m.double()
     with torch.no_grad():
         for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))  # off the init, so that every parameter matters
-    u = torch.randn(2, 37, 32, dtype=torch.float64, requires_grad=True)
-    reset = torch.zeros(2, 37, dtype=torch.bool)
-    reset[0, 11] = reset[1, 30] = True
-    out, ref = m(u, reset=reset), reference_forward(m, u, reset)
+            p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def check_mixer_against_reference(m, reference, length, resets):
+    """m's output and the gradients of its input and every parameter equal `reference`'s (fp64
+    1e-10 / 1e-9) on 2 rows of `length` tokens with document starts at `resets` (row, t) pairs."""
+    m = off_init(m)
+    u = torch.randn(2, length, 32, dtype=torch.float64, requires_grad=True)
+    reset = torch.zeros(2, length, dtype=torch.bool)
+    for row, t in resets:
+        reset[row, t] = True
+    out, ref = m(u, reset=reset), reference(m, u, reset)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     w = torch.randn_like(out)
     params = [u] + list(m.parameters())
@@ -225,18 +233,28 @@ def test_mixer_forward_and_gradients_match_reference_float64(outproj_norm):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("outproj_norm", [False, True])
-def test_mixer_step_equals_forward_float64(outproj_norm):
-    m = small(is_outproj_norm=outproj_norm).double()
+def check_step_equals_forward(m, length):
+    """Token-by-token `step` from an empty cache equals the forward (fp64, 1e-10); returns the
+    cache's shapes."""
+    m = off_init(m)
     with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-        u = torch.randn(2, 13, 32, dtype=torch.float64)
+        u = torch.randn(2, length, 32, dtype=torch.float64)
         full = m(u)
         cache = m.allocate_inference_cache(2)
-        stepped = torch.stack([m.step(u[:, t], *cache) for t in range(13)], dim=1)
-    assert [tuple(s.shape) for s in cache] == [(2, 4, 4), (2, 4, 16, 16), (2, 1, 4, 16), (2, 4, 16)]
+        stepped = torch.stack([m.step(u[:, t], *cache) for t in range(length)], dim=1)
     torch.testing.assert_close(stepped, full, rtol=0, atol=1e-10)
+    return [tuple(s.shape) for s in cache]
+
+
+@pytest.mark.parametrize("outproj_norm", [False, True])
+def test_mixer_forward_and_gradients_match_reference_float64(outproj_norm):
+    check_mixer_against_reference(small(is_outproj_norm=outproj_norm), reference_forward, 37, [(0, 11), (1, 30)])
+
+
+@pytest.mark.parametrize("outproj_norm", [False, True])
+def test_mixer_step_equals_forward_float64(outproj_norm):
+    shapes = check_step_equals_forward(small(is_outproj_norm=outproj_norm), 13)
+    assert shapes == [(2, 4, 4), (2, 4, 16, 16), (2, 1, 4, 16), (2, 4, 16)]
 
 
 def lm(seed=0, **kw):

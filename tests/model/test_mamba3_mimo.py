@@ -14,6 +14,7 @@ from mamba.model import MambaConfig, MambaLMHeadModel
 from mamba.model.factory import build_model
 from mamba.model.mamba3 import Mamba3
 from mamba.model.ops.mamba3_scan import mamba3_scan_chunked, mamba3_scan_ref
+from test_mamba3 import check_mixer_against_reference, check_step_equals_forward
 
 NAMES = ("C", "B", "x", "adt", "dt", "trap", "angles", "C_bias", "B_bias", "D", "z", "mimo_x", "mimo_z", "mimo_o")
 
@@ -197,33 +198,13 @@ def reference_forward(m, u, reset):
 
 @pytest.mark.parametrize("outproj_norm", [False, True])
 def test_mixer_forward_and_gradients_match_reference_float64(outproj_norm):
-    m = small(is_outproj_norm=outproj_norm).double()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))  # off the init, so that every parameter matters
-    u = torch.randn(2, 29, 32, dtype=torch.float64, requires_grad=True)
-    reset = torch.zeros(2, 29, dtype=torch.bool)
-    reset[0, 11] = reset[1, 20] = True
-    out, ref = m(u, reset=reset), reference_forward(m, u, reset)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    w = torch.randn_like(out)
-    params = [u] + list(m.parameters())
-    for a, b in zip(torch.autograd.grad((out * w).sum(), params), torch.autograd.grad((ref * w).sum(), params)):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    check_mixer_against_reference(small(is_outproj_norm=outproj_norm), reference_forward, 29, [(0, 11), (1, 20)])
 
 
 @pytest.mark.parametrize("outproj_norm", [False, True])
 def test_mixer_step_equals_forward_float64(outproj_norm):
-    m = small(is_outproj_norm=outproj_norm, mimo_rank=3).double()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-        u = torch.randn(2, 11, 32, dtype=torch.float64)
-        full = m(u)
-        cache = m.allocate_inference_cache(2)
-        stepped = torch.stack([m.step(u[:, t], *cache) for t in range(11)], dim=1)
-    assert [tuple(s.shape) for s in cache] == [(2, 4, 4), (2, 4, 16, 16), (2, 3, 4, 16), (2, 4, 16)]
-    torch.testing.assert_close(stepped, full, rtol=0, atol=1e-10)
+    shapes = check_step_equals_forward(small(is_outproj_norm=outproj_norm, mimo_rank=3), 11)
+    assert shapes == [(2, 4, 4), (2, 4, 16, 16), (2, 3, 4, 16), (2, 4, 16)]
 
 
 def test_documents_are_isolated_and_lm_steps_equal_forward():

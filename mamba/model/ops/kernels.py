@@ -289,14 +289,16 @@ def mamba3_siso(C, B, x, adt, dt, trap, angles, C_bias, B_bias, D, z, chunk_size
         return fn(C, B, x, adt.transpose(1, 2), dt.transpose(1, 2), trap.transpose(1, 2), C_bias, B_bias,
                   angles, D=D, Z=z, chunk_size=chunk_size)
     cu_seqlens = cu_seqlens_from_reset(reset, batch, length, x.device)  # one row holding every document
-
-    def row(t):  # (b, L, ...) -> (1, b * L, ...)
-        return t.reshape(1, batch * length, *t.shape[2:])
-
+    row = _one_row
     y = fn(row(C), row(B), row(x), row(adt).transpose(1, 2), row(dt).transpose(1, 2), row(trap).transpose(1, 2),
            C_bias, B_bias, row(angles), D=D, Z=None if z is None else row(z), chunk_size=chunk_size,
            cu_seqlens=cu_seqlens)
     return y.reshape(batch, length, nheads, headdim)
+
+
+def _one_row(t: torch.Tensor) -> torch.Tensor:
+    """(b, L, ...) -> (1, b * L, ...): the window as the one row a varlen kernel cuts by cu_seqlens."""
+    return t.flatten(0, 1).unsqueeze(0)
 
 
 def _check_mamba3_shapes(dstate: int, headdim: int) -> None:
@@ -339,10 +341,7 @@ def mamba3_mimo(C, B, x, adt, dt, trap, angles, C_bias, B_bias, D, z, chunk_size
     if reset is None:
         return fn(C, B, x, adt.transpose(1, 2), dt.transpose(1, 2), trap.transpose(1, 2), C_bias, B_bias, mimo_x,
                   mimo_z, mimo_o, angles, D, z, **options)
-
-    def row(t):  # (b, L, ...) -> (1, b * L, ...)
-        return t.reshape(1, batch * length, *t.shape[2:])
-
+    row = _one_row
     y = fn(row(C), row(B), row(x), row(adt).transpose(1, 2), row(dt).transpose(1, 2), row(trap).transpose(1, 2),
            C_bias, B_bias, mimo_x, mimo_z, mimo_o, row(angles), D, None if z is None else row(z),
            cu_seqlens=cu_seqlens_from_reset(reset, batch, length, x.device), **options)

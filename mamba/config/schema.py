@@ -167,7 +167,9 @@ class OptimizerConfig:
     """Decoupled weight decay, applied to matrices and embeddings only (not A_log, D, biases, norms)."""
     grad_clip_norm: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
-    no_decay: list = field(default_factory=lambda: ["A_log", "D", "dt_bias", "bias", "norm", "norm2", "norm_f"])
+    no_decay: list = field(default_factory=lambda: ["A_log", "D", "dt_bias", "bias", "norm", "norm2", "norm_f",
+                                                    "B_bias", "C_bias", "B_norm", "C_norm", "mimo_x", "mimo_z",
+                                                    "mimo_o"])
     """Parameter-name parts exempt from weight decay (mamba-ssm's groups): a parameter is exempt when
     a dotted part of its name equals one of these (e.g. "norm" matches layers.0.norm.weight)."""
 

@@ -13,7 +13,11 @@ def wants_weight_decay(name: str, param: torch.nn.Parameter, no_decay: Sequence[
 
     The default list (optimizer.no_decay) follows mamba-ssm's training setups: A_log, D and the dt
     bias (decaying them would pull the SSM towards A = -1, D = 0 and dt = softplus(0)), every bias
-    and every norm weight stay undecayed; matrices and the embedding are decayed. The model's own
+    and every norm weight stay undecayed; matrices and the embedding are decayed. Mamba-3's biases
+    and norms have names of their own (B_bias, C_bias, B_norm, C_norm), listed with them, as are
+    MIMO's mimo_x, mimo_z, mimo_o: per-channel scales of each rank's input, gate and output
+    (initialised 1/R, 1, 1/R), which decay would pull towards switching the ranks off, as it
+    would a norm weight. The model's own
     `_no_weight_decay` flag (set on A_log and D by the mixer) is honoured too, but names are the
     primary rule: the flag is lost on any copy of the Parameter (meta init, sharding).
     """

@@ -1,4 +1,5 @@
 """AdamW parameter groups: mamba-ssm's weight-decay exemptions, by name, configurable."""
+import pytest
 import torch
 
 from mamba.config.schema import OptimizerConfig
@@ -81,3 +82,16 @@ def test_hybrid_attention_and_mlp_parameters_are_grouped_like_mamba_ssm():
     assert {attn + "in_proj.bias", attn + "conv1d.bias", attn + "out_proj.bias"} <= exempt
     assert {f"backbone.layers.{i}.norm2.weight" for i in range(2)} <= exempt
     assert decay | exempt == {n for n, _ in m.named_parameters()} and not decay & exempt
+
+
+@pytest.mark.parametrize("mimo", [False, True])
+def test_mamba3_biases_norms_and_rank_scales_are_not_decayed(mimo):
+    torch.manual_seed(0)
+    m = MambaLMHeadModel(MambaConfig(d_model=32, n_layer=1, vocab_size=50, ssm_layer="mamba3", d_state=16, headdim=16,
+                                     chunk_size=8, is_outproj_norm=True, is_mimo=mimo, mimo_rank=2))
+    decay, exempt = groups_by_name(m, OptimizerConfig())
+    mixer = "backbone.layers.0.mixer."
+    assert decay == {"backbone.embedding.weight", mixer + "in_proj.weight", mixer + "out_proj.weight"}
+    scales = {"mimo_x", "mimo_z", "mimo_o"} if mimo else set()
+    assert exempt == {"backbone.norm_f.weight", "backbone.layers.0.norm.weight"} | {
+        mixer + n for n in {"dt_bias", "D", "B_bias", "C_bias", "B_norm.weight", "C_norm.weight", "norm.weight"} | scales}

@@ -181,12 +181,12 @@ class Mamba3(nn.Module):
 
     def _scan_options(self) -> tuple[tuple[torch.Tensor, torch.Tensor], dict]:
         """The scan's (C_bias, B_bias), (H, N) for SISO or (H, R, N), and its MIMO keywords: mimo_x,
-        and mimo_z, mimo_o unless is_outproj_norm puts the norm between the ranks and their sum."""
+        mimo_z (unused without z, handed over as mamba-ssm's Mamba3.forward does) and mimo_o, unless
+        is_outproj_norm puts the norm between the ranks and their sum."""
         if not self.is_mimo:
             return (self.C_bias[:, 0], self.B_bias[:, 0]), {}
-        late = self.is_outproj_norm
-        return (self.C_bias, self.B_bias), {"mimo_x": self.mimo_x, "mimo_z": None if late else self.mimo_z,
-                                            "mimo_o": None if late else self.mimo_o}
+        return (self.C_bias, self.B_bias), {"mimo_x": self.mimo_x, "mimo_z": self.mimo_z,
+                                            "mimo_o": None if self.is_outproj_norm else self.mimo_o}
 
     def _finish(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The scan's y (.., H, P) (or (.., R, H, P): MIMO with is_outproj_norm) -> (.., E), the

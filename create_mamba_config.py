@@ -130,14 +130,19 @@ def mimo_section(args: argparse.Namespace) -> dict:
                           "1, 2, 4 and 8)")
     keys = {"is_mimo": True, "mimo_rank": args.mimo_rank}
     if not overrides_of(args.overrides, "model.chunk_size"):
-        keys["chunk_size"] = max(MIMO_MIN_CHUNK, MIMO_ROWS // args.mimo_rank)
+        keys["chunk_size"] = mimo_chunk(args.mimo_rank)
     return keys
+
+
+def mimo_chunk(rank: int) -> int:
+    """mamba-ssm's recommended chunk for MIMO of this rank: 64 / R tokens, at least 8."""
+    return max(MIMO_MIN_CHUNK, MIMO_ROWS // rank)
 
 
 def mimo_note(cfg, args: argparse.Namespace) -> str:
     """What --mimo-rank chose and why: a line of the printed plan, and a comment atop the file."""
     r, q = cfg.model.mimo_rank, cfg.model.chunk_size
-    recommended = max(MIMO_MIN_CHUNK, MIMO_ROWS // r)
+    recommended = mimo_chunk(r)
     why = ("64 / R, at least 8: mamba-ssm's recommendation for its MIMO kernel"
            if not overrides_of(args.overrides, "model.chunk_size") else
            f"as overridden; mamba-ssm recommends {recommended} (64 / R, at least 8) for its MIMO kernel")

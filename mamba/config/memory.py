@@ -127,7 +127,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mamba.model.factory import build_model
-from mamba.model.ops.kernels import cuda_kernels_available
+from mamba.model.ops.kernels import cuda_kernels_available, family_of
 
 GIB = 1024**3
 
@@ -293,21 +293,21 @@ def kernel_path(kernels: str, device: str, ssm_layer: str = "mamba1", mimo: bool
         return False, "CPU ranks"
     if kernels != "auto":
         return kernels == "cuda", f"model.kernels={kernels}"
-    if ssm_layer == "mamba3" and mimo:
-        if cuda_kernels_available("mamba3-mimo")[0]:
-            return True, "model.kernels=auto and mamba-ssm's Mamba-3 MIMO kernel (TileLang) imports here"
-        return False, ("model.kernels=auto and mamba-ssm >= 2.3.2's Mamba-3 MIMO kernel does not import here (it "
-                       "needs tilelang); for the fused kernel's smaller count plan where it does, or override "
-                       "model.kernels=cuda")
-    if ssm_layer == "mamba3":
-        if cuda_kernels_available("mamba3")[0]:
-            return True, "model.kernels=auto and mamba-ssm's Mamba-3 kernel imports here"
-        return False, ("model.kernels=auto and mamba-ssm >= 2.3.2's Mamba-3 kernel does not import here; for "
-                       "the fused kernel's smaller count plan where it does, or override model.kernels=cuda")
-    if cuda_kernels_available()[0]:
-        return True, "model.kernels=auto and mamba-ssm imports here"
-    return False, ("model.kernels=auto and mamba-ssm does not import here; for the fused kernels' "
-                   "smaller count plan where it does, or override model.kernels=cuda")
+    family = family_of(ssm_layer, mimo)
+    present, missing, kernel = _PLAN_KERNELS[family]
+    if cuda_kernels_available(family)[0]:
+        return True, f"model.kernels=auto and {present} imports here"
+    needs = " (it needs tilelang)" if family == "mamba3-mimo" else ""
+    return False, (f"model.kernels=auto and {missing} does not import here{needs}; for the fused {kernel} smaller "
+                   "count plan where it does, or override model.kernels=cuda")
+
+
+# How the plan names each kernel family (ops/kernels.py FAMILIES): where it imports, where it does
+# not, and its kernels in the possessive.
+_PLAN_KERNELS = {"mamba-ssm": ("mamba-ssm", "mamba-ssm", "kernels'"),
+                 "mamba3": ("mamba-ssm's Mamba-3 kernel", "mamba-ssm >= 2.3.2's Mamba-3 kernel", "kernel's"),
+                 "mamba3-mimo": ("mamba-ssm's Mamba-3 MIMO kernel (TileLang)", "mamba-ssm >= 2.3.2's Mamba-3 MIMO kernel",
+                                 "kernel's")}
 
 
 def memory_model(cfg, size: ModelSize, device: str) -> MemoryModel:

@@ -112,9 +112,9 @@ class Mamba3(nn.Module):
         self.dt_min, self.dt_max, self.dt_init_floor, self.A_floor = dt_min, dt_max, dt_init_floor, A_floor
         self.is_outproj_norm, self.chunk_size = is_outproj_norm, chunk_size
         kernels.check_mode(kernels_mode)
+        self.kernel_family = kernels.family_of("mamba3", is_mimo)
         if kernels_mode == "cuda":
-            # fail when the model is built, not at the first batch
-            kernels.require_cuda_kernels("mamba3-mimo" if is_mimo else "mamba3")
+            kernels.require_cuda_kernels(self.kernel_family)  # fail when the model is built, not at the first batch
         self.kernels_mode = kernels_mode
 
         H, N, G, R = self.nheads, d_state, ngroups, self.mimo_rank
@@ -208,8 +208,7 @@ class Mamba3(nn.Module):
         biases, mimo = self._scan_options()
         gate = None if self.is_outproj_norm else z  # the scan gates y by silu(z) itself
         scan_args = (C, B, x, adt, dt, trap, angles, *biases, self.D, gate)
-        family = "mamba3-mimo" if self.is_mimo else "mamba3"
-        if kernels.use_cuda(self.kernels_mode, hidden_states, f"{family} scan", family):
+        if kernels.use_cuda(self.kernels_mode, hidden_states, f"{self.kernel_family} scan", self.kernel_family):
             kernel = kernels.mamba3_mimo if self.is_mimo else kernels.mamba3_siso
             y = kernel(*scan_args, chunk_size=self.chunk_size, reset=reset, **mimo)
         else:

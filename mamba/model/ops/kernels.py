@@ -78,6 +78,13 @@ FAMILIES = {
 }
 
 
+def family_of(ssm_layer: str, is_mimo: bool = False) -> str:
+    """The kernel family (FAMILIES) a mixer of `ssm_layer` runs on."""
+    if ssm_layer != "mamba3":
+        return "mamba-ssm"
+    return "mamba3-mimo" if is_mimo else "mamba3"
+
+
 def cuda_kernels_available(family: str = "mamba-ssm") -> tuple[bool, str]:
     """(whether the kernels of `family` (FAMILIES) import, the reason if not)."""
     fns, reason = globals()[FAMILIES[family][0]]()
@@ -280,25 +287,26 @@ def mamba3_siso(C, B, x, adt, dt, trap, angles, C_bias, B_bias, D, z, chunk_size
     """The Mamba-3 SISO scan on mamba-ssm's kernel; arguments and result as ops/mamba3_scan.py's
     mamba3_scan_chunked (C, B (b, L, G, N), x (b, L, H, P), adt, dt, trap (b, L, H), angles
     (b, L, S), biases (H, N), D (H,), z (b, L, H, P) or None, reset (b, L) bool or None)."""
+    (C, B, xk, ADT, DT, Trap, Angles, Z), varlen = _kernel_inputs(C, B, x, adt, dt, trap, angles, z, reset)
+    y = _probe_mamba3()[0]["mamba3_siso_combined"](C, B, xk, ADT, DT, Trap, C_bias, B_bias, Angles, D=D, Z=Z,
+                                                   chunk_size=chunk_size, **varlen)
+    return y.reshape(*x.shape[:2], *y.shape[2:])
+
+
+def _kernel_inputs(C, B, x, adt, dt, trap, angles, z, reset):
+    """What both Mamba-3 kernels take per token, from mamba3_scan_chunked's arguments: C, B, x, z as
+    they are, ADT, DT, Trap as (b, H, L), angles per head in (at least) float32, as mamba-ssm's
+    Mamba3.forward hands them over. With document starts all of them become one row of b * L
+    tokens, cut by the cu_seqlens in the returned keywords (else none): (tensors, keywords)."""
     batch, length, nheads, headdim = x.shape
     _check_mamba3_shapes(B.shape[-1], headdim)
-    # Angles per head in (at least) float32, as mamba-ssm's Mamba3.forward hands them over.
     angles = angles.unsqueeze(-2).expand(-1, -1, nheads, -1).to(torch.promote_types(angles.dtype, torch.float32))
-    fn = _probe_mamba3()[0]["mamba3_siso_combined"]
-    if reset is None:
-        return fn(C, B, x, adt.transpose(1, 2), dt.transpose(1, 2), trap.transpose(1, 2), C_bias, B_bias,
-                  angles, D=D, Z=z, chunk_size=chunk_size)
-    cu_seqlens = cu_seqlens_from_reset(reset, batch, length, x.device)  # one row holding every document
-    row = _one_row
-    y = fn(row(C), row(B), row(x), row(adt).transpose(1, 2), row(dt).transpose(1, 2), row(trap).transpose(1, 2),
-           C_bias, B_bias, row(angles), D=D, Z=None if z is None else row(z), chunk_size=chunk_size,
-           cu_seqlens=cu_seqlens)
-    return y.reshape(batch, length, nheads, headdim)
-
-
-def _one_row(t: torch.Tensor) -> torch.Tensor:
-    """(b, L, ...) -> (1, b * L, ...): the window as the one row a varlen kernel cuts by cu_seqlens."""
-    return t.flatten(0, 1).unsqueeze(0)
+    tensors, varlen = (C, B, x, adt, dt, trap, angles, z), {}
+    if reset is not None:  # (b, L, ...) -> (1, b * L, ...)
+        tensors = tuple(None if t is None else t.flatten(0, 1).unsqueeze(0) for t in tensors)
+        varlen = {"cu_seqlens": cu_seqlens_from_reset(reset, batch, length, x.device)}
+    C, B, x, adt, dt, trap, angles, z = tensors
+    return (C, B, x, adt.transpose(1, 2), dt.transpose(1, 2), trap.transpose(1, 2), angles, z), varlen
 
 
 def _check_mamba3_shapes(dstate: int, headdim: int) -> None:
@@ -332,17 +340,9 @@ def mamba3_mimo(C, B, x, adt, dt, trap, angles, C_bias, B_bias, D, z, chunk_size
     """The Mamba-3 MIMO scan on mamba-ssm's kernel; arguments and result as ops/mamba3_scan.py's
     mamba3_scan_chunked with mimo_x (C, B (b, L, R, G, N), biases (H, R, N), mimo_* (H, R, P));
     document starts as for mamba3_siso."""
-    batch, length, nheads, headdim = x.shape
-    dstate = B.shape[-1]
-    _check_mamba3_shapes(dstate, headdim)
-    angles = angles.unsqueeze(-2).expand(-1, -1, nheads, -1).to(torch.promote_types(angles.dtype, torch.float32))
-    options = dict(chunk_size=chunk_size, rotary_dim_divisor=dstate // angles.shape[-1], dtype=x.dtype)
-    fn = _probe_mamba3_mimo()[0]["mamba3_mimo"]
-    if reset is None:
-        return fn(C, B, x, adt.transpose(1, 2), dt.transpose(1, 2), trap.transpose(1, 2), C_bias, B_bias, mimo_x,
-                  mimo_z, mimo_o, angles, D, z, **options)
-    row = _one_row
-    y = fn(row(C), row(B), row(x), row(adt).transpose(1, 2), row(dt).transpose(1, 2), row(trap).transpose(1, 2),
-           C_bias, B_bias, mimo_x, mimo_z, mimo_o, row(angles), D, None if z is None else row(z),
-           cu_seqlens=cu_seqlens_from_reset(reset, batch, length, x.device), **options)
-    return y.reshape(batch, length, *y.shape[2:])
+    divisor = B.shape[-1] // angles.shape[-1]
+    (C, B, xk, ADT, DT, Trap, Angles, Z), varlen = _kernel_inputs(C, B, x, adt, dt, trap, angles, z, reset)
+    y = _probe_mamba3_mimo()[0]["mamba3_mimo"](C, B, xk, ADT, DT, Trap, C_bias, B_bias, mimo_x, mimo_z, mimo_o,
+                                               Angles, D, Z, chunk_size=chunk_size, rotary_dim_divisor=divisor,
+                                               dtype=x.dtype, **varlen)
+    return y.reshape(*x.shape[:2], *y.shape[2:])

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mamba.model import MambaConfig, MambaLMHeadModel  # noqa: E402
 from mamba.model.flops import flops_per_token  # noqa: E402
-from mamba.model.ops.kernels import cuda_kernels_available  # noqa: E402
+from mamba.model.ops.kernels import cuda_kernels_available, family_of  # noqa: E402
 from mamba.device_peaks import gpu_peak_flops  # noqa: E402
 
 VOCAB = 50277  # GPT-NeoX's tokenizer, the state-spaces checkpoints' (padded to 50280)
@@ -54,9 +54,6 @@ SHAPES = {"130m": (768, 24), "370m": (1024, 48), "1.4b": (2048, 48), "smoke": (1
 # headdim 64, chunk 64, what it recommends for SISO) on the Mamba-2 rows' d_model x n_layer.
 MIXER = {"mamba1": {"d_state": 16}, "mamba2": {"d_state": 128, "headdim": 64},
          "mamba3": {"d_state": 128, "headdim": 64, "chunk_size": 64}}
-# The kernel family (mamba/model/ops/kernels.py FAMILIES) each mixer's kernel path needs: Mamba-3's
-# kernel is mamba-ssm >= 2.3.2's, so with 2.3.1 Mamba-1/2 have kernels and Mamba-3 has none.
-FAMILY = {"mamba1": "mamba-ssm", "mamba2": "mamba-ssm", "mamba3": "mamba3"}
 
 
 def packed_positions(batch: int, seq: int, mean_len: int, generator: torch.Generator) -> torch.Tensor:
@@ -152,7 +149,7 @@ def main() -> None:
     print(f"device: {name}; bf16 peak {peak / 1e12:.1f} TFLOP/s" if peak else f"device: {name}; no peak known")
     kernel_path = {}  # per mixer: (whether ours runs on its kernels, why not)
     for layer in args.layers:
-        ok, why = cuda_kernels_available(FAMILY[layer])
+        ok, why = cuda_kernels_available(family_of(layer))  # Mamba-3: mamba-ssm >= 2.3.2
         kernel_path[layer] = (ok and device.type == "cuda", why or "no GPU")
         print(f"ours, {layer}: " + ("mamba-ssm's kernels (model.kernels=cuda)" if kernel_path[layer][0]
                                     else f"the torch ops ({kernel_path[layer][1]})"))

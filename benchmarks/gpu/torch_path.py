@@ -33,7 +33,7 @@ import model_gpu  # noqa: E402  (it puts the repository root on sys.path)
 from mamba.device_peaks import gpu_peak_flops  # noqa: E402
 from mamba.model import MambaConfig, MambaLMHeadModel  # noqa: E402
 from mamba.model.flops import flops_per_token  # noqa: E402
-from mamba.model.ops.kernels import cuda_kernels_available  # noqa: E402
+from mamba.model.ops.kernels import cuda_kernels_available, family_of  # noqa: E402
 
 
 def build(shape: str, layer: str, mode: str) -> MambaLMHeadModel:
@@ -109,7 +109,7 @@ def main() -> None:
 
     for layer in args.layers:
         for mode in args.modes:
-            kernels_ok, why = cuda_kernels_available(model_gpu.FAMILY[layer])  # Mamba-3: mamba-ssm >= 2.3.2
+            kernels_ok, why = cuda_kernels_available(family_of(layer))  # Mamba-3: mamba-ssm >= 2.3.2
             if mode == "kernels" and not (kernels_ok and on_gpu):
                 reason = why or "no GPU"
                 print(f"| {layer} | kernels | skipped: {reason} | | | |", flush=True)
